@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Run every test of tm-sidecar: installs what the tests need (Debian packages, Python packages),
+# then runs `cargo test` (unit + integration tests against the real binary and the real OpenSSH
+# tools) and the chart/Dockerfile tests (pytest).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# OpenSSH client tools drive the server; openssh-server is the stock sshd that plays the
+# hypervisor and the reference; rsync/qemu-utils/tar are what OpenNebula's scripts call.
+debs=(openssh-client openssh-server rsync qemu-utils tar coreutils findutils procps iproute2 file)
+missing=()
+for p in "${debs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ "${#missing[@]}" -gt 0 ]; then
+  sudo_if_needed apt-get update
+  DEBIAN_FRONTEND=noninteractive sudo_if_needed apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+
+python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+
+cargo build --release --locked
+TM_SIDECAR_BIN="$PWD/target/release/tm-sidecar" cargo test --release --locked -- --test-threads=4
+python3 -m pytest -q tests/python

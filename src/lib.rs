@@ -1,0 +1,18 @@
+//! tm-sidecar: the SSH transfer-manager and monitord sidecar for OpenNebula front-ends.
+//!
+//! Layout (see README "Architecture"):
+//! - [`config`]: flags, env, TOML file → validated [`config::Config`]
+//! - [`ssh`]: the embedded SSH server (russh): accept loop, auth, sessions, exec, agent, pty
+//! - [`transfer`]: confined filesystem, native scp and SFTP
+//! - [`monitord`]: the monitord relay on 4124 TCP+UDP
+//! - [`admin`]: HTTP health, readiness, metrics and the host table
+//! - [`keys`]: host keys and `keygen`
+
+pub mod admin;
+pub mod config;
+pub mod escape;
+pub mod keys;
+pub mod logging;
+pub mod monitord;
+pub mod ssh;
+pub mod transfer;

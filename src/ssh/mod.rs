@@ -1,0 +1,16 @@
+//! The embedded SSH server (russh).
+//!
+//! - [`server`]: listeners, accept loop, connection limits, russh configuration
+//! - [`auth`]: authorized_keys, certificates, login policy
+//! - [`session`]: the per-connection russh handler (channels, requests)
+//! - [`exec`]: running a command and pumping its stdin/stdout/stderr
+//! - [`agent`]: agent forwarding (`auth-agent@openssh.com`)
+//! - [`pty`]: pseudo-terminals for interactive shells
+
+pub mod agent;
+pub mod auth;
+pub mod authorized_keys;
+pub mod exec;
+pub mod pty;
+pub mod server;
+pub mod session;
