@@ -19,6 +19,5 @@ fi
 
 python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 
-cargo build --release --locked
-TM_SIDECAR_BIN="$PWD/target/release/tm-sidecar" cargo test --release --locked -- --test-threads=4
+cargo test --locked
 python3 -m pytest -q tests/python
