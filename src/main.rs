@@ -147,9 +147,9 @@ async fn serve(settings: Settings) -> Result<ExitCode> {
     let shutdown = CancellationToken::new();
     let ssh_addrs = ssh_server.local_addrs();
     info!(
-        ssh = ?ssh_addrs,
-        monitord = ?monitord.local_addrs(),
-        admin = ?admin_addr,
+        ssh = %join(&ssh_addrs),
+        monitord = %join(&monitord.local_addrs()),
+        admin = %join(&admin_addr.into_iter().collect::<Vec<_>>()),
         version = env!("CARGO_PKG_VERSION"),
         "tm-sidecar ready"
     );
@@ -173,6 +173,10 @@ async fn serve(settings: Settings) -> Result<ExitCode> {
         _ = wait_for_signal() => warn!("second signal: exiting at once"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn join(addrs: &[std::net::SocketAddr]) -> String {
+    addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",")
 }
 
 /// Wait for SIGTERM or SIGINT.

@@ -1,0 +1,275 @@
+//! Shared harness for integration tests: start the real `tm-sidecar` binary on ephemeral
+//! loopback ports with keys made in a temp dir, and build OpenSSH client commands against it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tm-sidecar");
+
+/// How long a test waits for the server to say it is ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The name of the user running the tests (root in CI).
+pub fn me() -> String {
+    tm_sidecar::config::current_user_name().unwrap_or_else(|| "root".into())
+}
+
+/// Log lines the server wrote to stderr, collected by a thread.
+#[derive(Clone, Default)]
+pub struct Logs {
+    inner: Arc<(Mutex<Vec<String>>, Condvar)>,
+}
+
+impl Logs {
+    pub fn lines(&self) -> Vec<String> {
+        self.inner.0.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Wait until a line satisfies `pred`, up to `timeout`; returns it.
+    pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        let (lock, cvar) = &*self.inner;
+        let mut lines = lock.lock().ok()?;
+        loop {
+            if let Some(l) = lines.iter().find(|l| pred(l)) {
+                return Some(l.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            lines = cvar.wait_timeout(lines, deadline - now).ok()?.0;
+        }
+    }
+
+    fn push(&self, line: String) {
+        let (lock, cvar) = &*self.inner;
+        if let Ok(mut l) = lock.lock() {
+            l.push(line);
+        }
+        cvar.notify_all();
+    }
+}
+
+/// A running tm-sidecar.
+pub struct Sidecar {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub ssh: SocketAddr,
+    pub monitord: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub logs: Logs,
+    /// Keys dir made by `keygen`: host key, client key, authorized_keys.
+    pub keys: PathBuf,
+    /// The transfer root (`<dir>/datastores`).
+    pub root: PathBuf,
+    /// Home (`<dir>/home`).
+    pub home: PathBuf,
+}
+
+fn addr_field(line: &serde_json::Value, name: &str) -> Option<SocketAddr> {
+    line.get(name)?.as_str()?.split(',').next()?.parse().ok()
+}
+
+impl Sidecar {
+    /// Start with defaults: SSH, monitord and admin on 127.0.0.1:0.
+    pub fn start() -> Sidecar {
+        Self::start_with(&[])
+    }
+
+    /// Start with extra `serve` flags (they come after the defaults, and repeatable flags given
+    /// here add to them).
+    pub fn start_with(extra: &[&str]) -> Sidecar {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keys = dir.path().join("keys");
+        let status = Command::new(BIN)
+            .args(["keygen", "--no-monitord", "--dir"])
+            .arg(&keys)
+            .stdout(Stdio::null())
+            .status()
+            .expect("run keygen");
+        assert!(status.success(), "keygen failed");
+        let root = dir.path().join("datastores");
+        let home = dir.path().join("home");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&home).unwrap();
+        Self::spawn(dir, keys, root, home, extra)
+    }
+
+    fn spawn(dir: tempfile::TempDir, keys: PathBuf, root: PathBuf, home: PathBuf, extra: &[&str]) -> Sidecar {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .args(["--ssh-listen", "127.0.0.1:0"])
+            .arg("--host-key")
+            .arg(keys.join("ssh_host_ed25519_key"))
+            .arg("--authorized-keys")
+            .arg(keys.join("authorized_keys"))
+            .args(["--allow-user", &me(), "--allow-user", "oneadmin"])
+            .arg("--home")
+            .arg(&home)
+            .arg("--transfer-root")
+            .arg(&root)
+            .args(["--admin-listen", "127.0.0.1:0", "--log-format", "json"]);
+        if !extra.iter().any(|a| *a == "--monitord-listen") {
+            cmd.args(["--monitord-listen", "127.0.0.1:0"]);
+        }
+        cmd.args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn tm-sidecar");
+        let logs = Logs::default();
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if std::env::var_os("TM_SIDECAR_TEST_LOGS").is_some() {
+                    eprintln!("[sidecar] {line}");
+                }
+                sink.push(line);
+            }
+            sink.push("<<eof>>".into());
+        });
+        let ready = logs.wait_for(READY_TIMEOUT, |l| l.contains("tm-sidecar ready") || l == "<<eof>>");
+        let ready = match ready {
+            Some(l) if l != "<<eof>>" => l,
+            _ => {
+                let _ = child.kill();
+                panic!("tm-sidecar did not become ready:\n{}", logs.lines().join("\n"));
+            }
+        };
+        let json: serde_json::Value = serde_json::from_str(&ready).expect("ready line is JSON");
+        let ssh = addr_field(&json, "ssh").expect("ssh address in ready line");
+        Sidecar {
+            child,
+            dir,
+            ssh,
+            monitord: addr_field(&json, "monitord"),
+            admin: addr_field(&json, "admin"),
+            logs,
+            keys,
+            root,
+            home,
+        }
+    }
+
+    pub fn client_key(&self) -> PathBuf {
+        self.keys.join("oneadmin_ed25519")
+    }
+
+    /// Common OpenSSH client options for this server (no config file, no known_hosts checks).
+    pub fn ssh_opts(&self) -> Vec<String> {
+        ssh_client_opts(&self.client_key())
+    }
+
+    /// `ssh -p PORT ... user@127.0.0.1 <args>`.
+    pub fn ssh(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ssh");
+        c.args(self.ssh_opts())
+            .args(["-p", &self.ssh.port().to_string()])
+            .arg(format!("{}@127.0.0.1", me()))
+            .args(args);
+        c
+    }
+
+    /// `scp -P PORT ...` with the same options; remote paths are `host:path` → use [`Self::remote`].
+    pub fn scp(&self) -> Command {
+        let mut c = Command::new("scp");
+        c.args(self.ssh_opts()).args(["-P", &self.ssh.port().to_string()]);
+        c
+    }
+
+    /// `sftp -P PORT ... user@127.0.0.1`.
+    pub fn sftp(&self) -> Command {
+        let mut c = Command::new("sftp");
+        c.args(self.ssh_opts()).args(["-P", &self.ssh.port().to_string()]);
+        c
+    }
+
+    /// `user@127.0.0.1:path` for scp.
+    pub fn remote(&self, path: impl AsRef<Path>) -> String {
+        format!("{}@127.0.0.1:{}", me(), path.as_ref().display())
+    }
+
+    /// Send SIGTERM and wait (bounded) for exit; returns the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32)?;
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        wait_timeout(&mut self.child, timeout)
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// OpenSSH client options used by every test: key only, no agent, no config, no host key prompts.
+pub fn ssh_client_opts(key: &Path) -> Vec<String> {
+    [
+        "-F", "/dev/null",
+        "-o", "BatchMode=yes",
+        "-o", "StrictHostKeyChecking=no",
+        "-o", "UserKnownHostsFile=/dev/null",
+        "-o", "IdentitiesOnly=yes",
+        "-o", "IdentityAgent=none",
+        "-o", "LogLevel=ERROR",
+        "-o", "ConnectTimeout=20",
+        "-i",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain(std::iter::once(key.display().to_string()))
+    .collect()
+}
+
+/// Wait for a child with a deadline; kills it if the deadline passes.
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+}
+
+/// Run a command with a deadline, capturing stdout/stderr. Panics on timeout.
+pub fn run(cmd: &mut Command, timeout: Duration) -> std::process::Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let out = child.stdout.take().expect("stdout");
+    let err = child.stderr.take().expect("stderr");
+    let t_out = std::thread::spawn(move || read_all(out));
+    let t_err = std::thread::spawn(move || read_all(err));
+    let status = wait_timeout(&mut child, timeout).unwrap_or_else(|| panic!("command timed out: {cmd:?}"));
+    std::process::Output {
+        status,
+        stdout: t_out.join().unwrap_or_default(),
+        stderr: t_err.join().unwrap_or_default(),
+    }
+}
+
+fn read_all(mut r: impl std::io::Read) -> Vec<u8> {
+    let mut v = vec![];
+    let _ = r.read_to_end(&mut v);
+    v
+}
