@@ -11,6 +11,7 @@ pub mod agent;
 pub mod auth;
 pub mod authorized_keys;
 pub mod exec;
+pub mod metrics;
 pub mod pty;
 pub mod server;
 pub mod session;
