@@ -29,7 +29,9 @@ impl Drop for AgentSocket {
 
 /// Create the socket in a fresh 0700 directory under the temp dir and start relaying.
 pub fn start(handle: russh::server::Handle) -> std::io::Result<AgentSocket> {
-    let dir = tempfile::Builder::new().prefix("tm-sidecar-agent.").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("tm-sidecar-agent.")
+        .tempdir()?;
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))?;
     let path = dir.path().join("agent.sock");
     let listener = UnixListener::bind(&path)?;
@@ -37,7 +39,9 @@ pub fn start(handle: russh::server::Handle) -> std::io::Result<AgentSocket> {
     let slots = Arc::new(Semaphore::new(MAX_AGENT_CONNECTIONS));
     let task = tokio::spawn(async move {
         loop {
-            let Ok((mut local, _)) = listener.accept().await else { return };
+            let Ok((mut local, _)) = listener.accept().await else {
+                return;
+            };
             let Ok(permit) = slots.clone().try_acquire_owned() else {
                 debug!("agent forwarding: too many agent connections, refusing one");
                 continue;
@@ -55,5 +59,9 @@ pub fn start(handle: russh::server::Handle) -> std::io::Result<AgentSocket> {
             });
         }
     });
-    Ok(AgentSocket { path, _dir: dir, task })
+    Ok(AgentSocket {
+        path,
+        _dir: dir,
+        task,
+    })
 }

@@ -55,7 +55,9 @@ pub enum Work {
 impl Work {
     fn kind(&self) -> &'static str {
         match self {
-            Work::Process { command: Some(_), .. } => "exec",
+            Work::Process {
+                command: Some(_), ..
+            } => "exec",
             Work::Process { command: None, .. } => "shell",
             Work::Scp(_) => "scp",
             Work::Sftp => "sftp",
@@ -97,7 +99,16 @@ enum Outcome {
 /// Run the job to completion. Never panics; every exit path closes the channel.
 pub async fn run(job: ChannelJob) {
     let ChannelJob {
-        channel, handle, shared, work, audit_command, user, peer, agent, slot, kill_all,
+        channel,
+        handle,
+        shared,
+        work,
+        audit_command,
+        user,
+        peer,
+        agent,
+        slot,
+        kill_all,
     } = job;
     let id = channel.id();
     let kind = work.kind();
@@ -107,7 +118,13 @@ pub async fn run(job: ChannelJob) {
     let (rx, tx) = channel.split();
     let closed = CancellationToken::new();
     let signals = Arc::new(SignalTarget::default());
-    let input = spawn_input(rx, counters.clone(), shared.metrics.clone(), closed.clone(), signals.clone());
+    let input = spawn_input(
+        rx,
+        counters.clone(),
+        shared.metrics.clone(),
+        closed.clone(),
+        signals.clone(),
+    );
 
     let outcome = match work {
         Work::Process { command, env, pty } => {
@@ -117,12 +134,23 @@ pub async fn run(job: ChannelJob) {
                 env,
                 cwd: shared.config.home.clone(),
             };
-            run_process(spawn, pty, input, &tx, &counters, &shared.metrics, &closed, &kill_all, &signals)
-                .await
+            run_process(
+                spawn,
+                pty,
+                input,
+                &tx,
+                &counters,
+                &shared.metrics,
+                &closed,
+                &kill_all,
+                &signals,
+            )
+            .await
         }
         Work::Scp(cmd) => {
             let reader = input.into_reader();
-            let out = CountingWriter::new(tx.make_writer(), counters.clone(), shared.metrics.clone());
+            let out =
+                CountingWriter::new(tx.make_writer(), counters.clone(), shared.metrics.clone());
             let err = tx.make_writer_ext(Some(1));
             tokio::select! {
                 code = scp::serve(cmd, shared.transfer.clone(), reader, out, err) => Outcome::Status(code),
@@ -132,7 +160,8 @@ pub async fn run(job: ChannelJob) {
         }
         Work::Sftp => {
             let reader = input.into_reader();
-            let out = CountingWriter::new(tx.make_writer(), counters.clone(), shared.metrics.clone());
+            let out =
+                CountingWriter::new(tx.make_writer(), counters.clone(), shared.metrics.clone());
             tokio::select! {
                 r = sftp::serve(shared.transfer.clone(), reader, out) => match r {
                     Ok(()) => Outcome::Status(0),
@@ -176,18 +205,33 @@ async fn report(
         Outcome::Abandoned => return ("abandoned".into(), "killed"),
         Outcome::Status(code) => {
             let _ = tx.exit_status(*code).await;
-            (code.to_string(), if *code == 0 { "success" } else { "failure" })
+            (
+                code.to_string(),
+                if *code == 0 { "success" } else { "failure" },
+            )
         }
         Outcome::Exited(status) => {
             if let Some(code) = status.code() {
                 let _ = tx.exit_status(code as u32).await;
-                (code.to_string(), if code == 0 { "success" } else { "failure" })
+                (
+                    code.to_string(),
+                    if code == 0 { "success" } else { "failure" },
+                )
             } else {
                 let signal = status.signal().unwrap_or(libc::SIGKILL);
                 let _ = handle
-                    .exit_signal_request(id, sig_from_number(signal), status.core_dumped(), String::new(), String::new())
+                    .exit_signal_request(
+                        id,
+                        sig_from_number(signal),
+                        status.core_dumped(),
+                        String::new(),
+                        String::new(),
+                    )
                     .await;
-                (format!("signal {}", sig_from_number(signal).name_str()), "signal")
+                (
+                    format!("signal {}", sig_from_number(signal).name_str()),
+                    "signal",
+                )
             }
         }
     };
@@ -277,9 +321,10 @@ impl SignalTarget {
 }
 
 fn kill_group(pgid: i32, signal: i32) {
-    if let (Some(pid), Some(sig)) =
-        (rustix::process::Pid::from_raw(pgid), rustix::process::Signal::from_named_raw(signal))
-    {
+    if let (Some(pid), Some(sig)) = (
+        rustix::process::Pid::from_raw(pgid),
+        rustix::process::Signal::from_named_raw(signal),
+    ) {
         let _ = rustix::process::kill_process_group(pid, sig);
     }
 }
@@ -293,7 +338,9 @@ impl Input {
     /// An `AsyncRead` over the channel's data (EOF when the client sends EOF or closes).
     fn into_reader(self) -> impl AsyncRead + Send + Unpin + 'static {
         let stream = futures::stream::unfold(self.data, |mut rx| async move {
-            rx.recv().await.map(|b| (Ok::<Bytes, std::io::Error>(b), rx))
+            rx.recv()
+                .await
+                .map(|b| (Ok::<Bytes, std::io::Error>(b), rx))
         });
         tokio_util::io::StreamReader::new(Box::pin(stream))
     }
@@ -312,7 +359,9 @@ fn spawn_input(
         loop {
             match rx.wait().await {
                 Some(ChannelMsg::Data { data }) => {
-                    counters.bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    counters
+                        .bytes_in
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
                     metrics.bytes_in(data.len());
                     if let Some(tx) = &data_tx {
                         // An error means the consumer is gone (child closed stdin): discard.
@@ -349,17 +398,27 @@ struct SpawnSpec {
 fn build_command(spec: &SpawnSpec) -> tokio::process::Command {
     use std::os::unix::ffi::OsStringExt;
     let mut cmd = tokio::process::Command::new(&spec.shell);
+    // As sshd does: argv[0] is the shell's base name ("bash"), or "-bash" for a login shell, so
+    // messages such as "bash: line 1: x: command not found" read the same as under OpenSSH.
+    let name = spec
+        .shell
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned());
+    let name = name.unwrap_or_else(|| "sh".into());
     match &spec.command {
         Some(command) => {
-            cmd.arg("-c").arg(OsString::from_vec(command.clone()));
+            cmd.arg0(&name)
+                .arg("-c")
+                .arg(OsString::from_vec(command.clone()));
         }
         None => {
-            // A login shell, as sshd starts it: argv[0] is "-<shell name>".
-            let name = spec.shell.file_name().map(|n| n.to_string_lossy().into_owned());
-            cmd.arg0(format!("-{}", name.unwrap_or_else(|| "sh".into())));
+            cmd.arg0(format!("-{name}"));
         }
     }
-    cmd.env_clear().envs(spec.env.iter().map(|(k, v)| (k, v))).current_dir(&spec.cwd).kill_on_drop(true);
+    cmd.env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&spec.cwd)
+        .kill_on_drop(true);
     cmd
 }
 
@@ -379,13 +438,18 @@ async fn run_process(
     let mut pty_master = None;
     match pty {
         None => {
-            cmd.process_group(0).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+            cmd.process_group(0)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
         }
         Some(pty) => {
             let (Ok(a), Ok(b)) = (pty.slave.try_clone(), pty.slave.try_clone()) else {
                 return spawn_failed(tx, "cannot set up the terminal").await;
             };
-            cmd.stdin(Stdio::from(pty.slave)).stdout(Stdio::from(a)).stderr(Stdio::from(b));
+            cmd.stdin(Stdio::from(pty.slave))
+                .stdout(Stdio::from(a))
+                .stderr(Stdio::from(b));
             // SAFETY: runs in the forked child before exec; setsid and ioctl(TIOCSCTTY) are
             // async-signal-safe system calls and touch no memory of the parent.
             unsafe {
@@ -429,7 +493,9 @@ async fn run_process(
                 }
             }
             Some(master) => {
-                let (Ok(r), Ok(w)) = (master.try_clone(), master.try_clone()) else { return };
+                let (Ok(r), Ok(w)) = (master.try_clone(), master.try_clone()) else {
+                    return;
+                };
                 let reader = tokio::fs::File::from_std(std::fs::File::from(r));
                 let writer = tokio::fs::File::from_std(std::fs::File::from(w));
                 let feed = feed_stdin(input, Some(writer));
@@ -471,7 +537,9 @@ async fn run_process(
 }
 
 async fn spawn_failed(tx: &ChannelWriteHalf<Msg>, msg: &str) -> Outcome {
-    let _ = tx.extended_data_bytes(1, Bytes::from(format!("tm-sidecar: {msg}\r\n"))).await;
+    let _ = tx
+        .extended_data_bytes(1, Bytes::from(format!("tm-sidecar: {msg}\r\n")))
+        .await;
     Outcome::Status(127)
 }
 
@@ -528,7 +596,11 @@ struct CountingWriter<W> {
 
 impl<W> CountingWriter<W> {
     fn new(inner: W, counters: Arc<Counters>, metrics: SshMetrics) -> Self {
-        CountingWriter { inner, counters, metrics }
+        CountingWriter {
+            inner,
+            counters,
+            metrics,
+        }
     }
 }
 
@@ -540,7 +612,9 @@ impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CountingWriter<
     ) -> std::task::Poll<std::io::Result<usize>> {
         let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
         if let std::task::Poll::Ready(Ok(n)) = &r {
-            self.counters.bytes_out.fetch_add(*n as u64, Ordering::Relaxed);
+            self.counters
+                .bytes_out
+                .fetch_add(*n as u64, Ordering::Relaxed);
             self.metrics.bytes_out(*n);
         }
         r

@@ -26,7 +26,11 @@ impl SshMetrics {
     pub fn new(registry: &mut Registry) -> SshMetrics {
         let m = SshMetrics::default();
         let r = registry.sub_registry_with_prefix("ssh");
-        r.register("connections_active", "Open SSH connections", m.connections_active.clone());
+        r.register(
+            "connections_active",
+            "Open SSH connections",
+            m.connections_active.clone(),
+        );
         r.register(
             "connections",
             "SSH connections by how they ended (closed, unauthenticated, grace_exceeded, failed, shutdown)",
@@ -47,7 +51,11 @@ impl SshMetrics {
             "Open session channels by kind (exec, shell, scp, sftp, agent)",
             m.channels_active.clone(),
         );
-        r.register("channels", "Session channels started, by kind", m.channels.clone());
+        r.register(
+            "channels",
+            "Session channels started, by kind",
+            m.channels.clone(),
+        );
         r.register(
             "exec_completions",
             "Finished exec/shell/scp channels by exit class (success, failure, signal, killed)",
@@ -68,7 +76,9 @@ impl SshMetrics {
 
     pub fn connection_closed(&self, outcome: &'static str) {
         self.connections_active.dec();
-        self.connections.get_or_create(&[("outcome", outcome)]).inc();
+        self.connections
+            .get_or_create(&[("outcome", outcome)])
+            .inc();
     }
 
     pub fn refused(&self, reason: &'static str) {
@@ -76,13 +86,18 @@ impl SshMetrics {
     }
 
     pub fn auth_attempt(&self, method: &'static str, result: &'static str) {
-        self.auth_attempts.get_or_create(&[("method", method), ("result", result)]).inc();
+        self.auth_attempts
+            .get_or_create(&[("method", method), ("result", result)])
+            .inc();
     }
 
     /// Count a channel as started and active; the guard decrements the gauge when dropped.
     pub fn channel(&self, kind: &'static str) -> ChannelGuard {
         self.channels.get_or_create(&[("kind", kind)]).inc();
-        let gauge = self.channels_active.get_or_create(&[("kind", kind)]).clone();
+        let gauge = self
+            .channels_active
+            .get_or_create(&[("kind", kind)])
+            .clone();
         gauge.inc();
         ChannelGuard { gauge }
     }
@@ -92,11 +107,15 @@ impl SshMetrics {
     }
 
     pub fn bytes_in(&self, n: usize) {
-        self.bytes.get_or_create(&[("direction", "in")]).inc_by(n as u64);
+        self.bytes
+            .get_or_create(&[("direction", "in")])
+            .inc_by(n as u64);
     }
 
     pub fn bytes_out(&self, n: usize) {
-        self.bytes.get_or_create(&[("direction", "out")]).inc_by(n as u64);
+        self.bytes
+            .get_or_create(&[("direction", "out")])
+            .inc_by(n as u64);
     }
 }
 

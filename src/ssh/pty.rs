@@ -28,7 +28,13 @@ fn clamp(v: u32) -> u16 {
 }
 
 /// Set the terminal size seen by the child (and deliver SIGWINCH to it).
-pub fn resize(master: impl AsFd, cols: u32, rows: u32, pix_width: u32, pix_height: u32) -> io::Result<()> {
+pub fn resize(
+    master: impl AsFd,
+    cols: u32,
+    rows: u32,
+    pix_width: u32,
+    pix_height: u32,
+) -> io::Result<()> {
     tcsetwinsize(
         master,
         Winsize {

@@ -115,12 +115,19 @@ impl SshServer {
             metrics: SshMetrics::new(registry),
             draining: CancellationToken::new(),
         });
-        Ok(SshServer { listeners, russh: Arc::new(russh_config(config, host_keys)), shared })
+        Ok(SshServer {
+            listeners,
+            russh: Arc::new(russh_config(config, host_keys)),
+            shared,
+        })
     }
 
     /// The addresses actually bound (useful with port 0).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
     }
 
     /// The shared state (auth policy for reloads, metrics).
@@ -152,7 +159,10 @@ impl SshServer {
         }
         tracker.close();
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-            warn!(grace_seconds = grace.as_secs(), "grace period over: closing remaining sessions");
+            warn!(
+                grace_seconds = grace.as_secs(),
+                "grace period over: closing remaining sessions"
+            );
             hard_stop.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
         }
@@ -212,8 +222,11 @@ async fn serve_connection(
     let started = std::time::Instant::now();
 
     // The client's identification line must arrive within the grace time.
-    let session =
-        tokio::time::timeout(LOGIN_GRACE, russh::server::run_stream(russh, stream, handler)).await;
+    let session = tokio::time::timeout(
+        LOGIN_GRACE,
+        russh::server::run_stream(russh, stream, handler),
+    )
+    .await;
     let session = match session {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {

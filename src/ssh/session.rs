@@ -105,7 +105,12 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn new(shared: Arc<Shared>, peer: SocketAddr, local: Option<SocketAddr>, conn: Arc<ConnState>) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        peer: SocketAddr,
+        local: Option<SocketAddr>,
+        conn: Arc<ConnState>,
+    ) -> Self {
         Connection {
             shared,
             peer,
@@ -152,7 +157,11 @@ impl Connection {
     }
 
     /// The environment of a program started on this connection.
-    fn base_env(&self, pending: &Pending, original_command: Option<&[u8]>) -> Vec<(OsString, OsString)> {
+    fn base_env(
+        &self,
+        pending: &Pending,
+        original_command: Option<&[u8]>,
+    ) -> Vec<(OsString, OsString)> {
         use std::os::unix::ffi::OsStringExt;
         let config = &self.shared.config;
         let mut env: Vec<(OsString, OsString)> = vec![];
@@ -162,8 +171,14 @@ impl Connection {
         set("LOGNAME", self.user.clone().into());
         set("SHELL", config.shell.clone().into_os_string());
         set("PATH", DEFAULT_PATH.into());
-        let (lip, lport) = self.local.map(|a| (a.ip().to_string(), a.port())).unwrap_or_default();
-        set("SSH_CLIENT", format!("{} {} {}", self.peer.ip(), self.peer.port(), lport).into());
+        let (lip, lport) = self
+            .local
+            .map(|a| (a.ip().to_string(), a.port()))
+            .unwrap_or_default();
+        set(
+            "SSH_CLIENT",
+            format!("{} {} {}", self.peer.ip(), self.peer.port(), lport).into(),
+        );
         set(
             "SSH_CONNECTION",
             format!("{} {} {} {}", self.peer.ip(), self.peer.port(), lip, lport).into(),
@@ -177,18 +192,23 @@ impl Connection {
         for (k, v) in &pending.env {
             env.push((k.into(), v.into()));
         }
-        if config.permit_user_environment {
-            if let Some(grant) = &self.grant {
-                for (k, v) in &grant.environment {
-                    env.push((k.into(), v.into()));
-                }
+        if config.permit_user_environment
+            && let Some(grant) = &self.grant
+        {
+            for (k, v) in &grant.environment {
+                env.push((k.into(), v.into()));
             }
         }
         env
     }
 
     /// Start `what` on a pending channel: reply success and hand the channel to a task.
-    fn start(&mut self, id: ChannelId, what: Request, session: &mut Session) -> Result<(), anyhow::Error> {
+    fn start(
+        &mut self,
+        id: ChannelId,
+        what: Request,
+        session: &mut Session,
+    ) -> Result<(), anyhow::Error> {
         let Some(mut pending) = self.pending.remove(&id) else {
             session.channel_failure(id)?;
             return Ok(());
@@ -201,23 +221,38 @@ impl Connection {
         let (audit_command, original) = match &what {
             Request::Exec(cmd) => (cmd.clone(), Some(cmd.clone())),
             Request::Shell => (Vec::new(), None),
-            Request::Subsystem(name) => (format!("subsystem {name}").into_bytes(), Some(name.clone().into_bytes())),
+            Request::Subsystem(name) => (
+                format!("subsystem {name}").into_bytes(),
+                Some(name.clone().into_bytes()),
+            ),
         };
         let work = match (forced, what) {
             (Some(forced), _) => {
                 let env = self.base_env(&pending, original.as_deref());
-                Work::Process { command: Some(forced.into_bytes()), env, pty: pending.pty.take().map(|p| p.1) }
+                Work::Process {
+                    command: Some(forced.into_bytes()),
+                    env,
+                    pty: pending.pty.take().map(|p| p.1),
+                }
             }
             (None, Request::Exec(cmd)) => match scp::parse(&cmd) {
                 Some(scp_cmd) if pending.pty.is_none() => Work::Scp(scp_cmd),
                 _ => {
                     let env = self.base_env(&pending, None);
-                    Work::Process { command: Some(cmd), env, pty: pending.pty.take().map(|p| p.1) }
+                    Work::Process {
+                        command: Some(cmd),
+                        env,
+                        pty: pending.pty.take().map(|p| p.1),
+                    }
                 }
             },
             (None, Request::Shell) => {
                 let env = self.base_env(&pending, None);
-                Work::Process { command: None, env, pty: pending.pty.take().map(|p| p.1) }
+                Work::Process {
+                    command: None,
+                    env,
+                    pty: pending.pty.take().map(|p| p.1),
+                }
             }
             (None, Request::Subsystem(name)) => {
                 if name == "sftp" {
@@ -246,10 +281,10 @@ impl Connection {
         if let (Some(sock), Work::Process { env, .. }) = (&agent, &mut work) {
             env.push(("SSH_AUTH_SOCK".into(), sock.path.clone().into_os_string()));
         }
-        if let Work::Process { pty: Some(p), .. } = &work {
-            if let Ok(master) = p.master.try_clone() {
-                self.terminals.insert(id, master);
-            }
+        if let Work::Process { pty: Some(p), .. } = &work
+            && let Ok(master) = p.master.try_clone()
+        {
+            self.terminals.insert(id, master);
         }
         session.channel_success(id)?;
         let job = ChannelJob {
@@ -286,7 +321,11 @@ impl russh::server::Handler for Connection {
         Ok(self.refuse(user, "password", "password authentication is not offered"))
     }
 
-    async fn auth_publickey_offered(&mut self, user: &str, offer: PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
+    async fn auth_publickey_offered(
+        &mut self,
+        user: &str,
+        offer: PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
         if self.shared.auth.offer_acceptable(user, offer.public_key) {
             Ok(Auth::Accept)
         } else {
@@ -295,21 +334,37 @@ impl russh::server::Handler for Connection {
         }
     }
 
-    async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
         if !self.shared.auth.user_allowed(user) {
             return Ok(self.refuse(user, "publickey", "user not allowed"));
         }
-        match self.shared.auth.authorize_key(user, key.public_key, Some(self.peer.ip())) {
+        match self
+            .shared
+            .auth
+            .authorize_key(user, key.public_key, Some(self.peer.ip()))
+        {
             Some(grant) => Ok(self.accept(user, grant, "publickey")),
             None => Ok(self.refuse(user, "publickey", "key not authorized")),
         }
     }
 
-    async fn auth_openssh_certificate(&mut self, user: &str, cert: &Certificate) -> Result<Auth, Self::Error> {
+    async fn auth_openssh_certificate(
+        &mut self,
+        user: &str,
+        cert: &Certificate,
+    ) -> Result<Auth, Self::Error> {
         if !self.shared.auth.user_allowed(user) {
             return Ok(self.refuse(user, "certificate", "user not allowed"));
         }
-        match self.shared.auth.authorize_certificate(user, cert, Some(self.peer.ip())) {
+        match self
+            .shared
+            .auth
+            .authorize_certificate(user, cert, Some(self.peer.ip()))
+        {
             Ok(grant) => Ok(self.accept(user, grant, "certificate")),
             Err(why) => Ok(self.refuse(user, "certificate", &why)),
         }
@@ -339,7 +394,14 @@ impl russh::server::Handler for Connection {
         let slot = ChannelSlot::new(self.conn.clone());
         self.pending.insert(
             channel.id(),
-            Pending { channel, slot, env: vec![], env_bytes: 0, pty: None, agent: false },
+            Pending {
+                channel,
+                slot,
+                env: vec![],
+                env_bytes: 0,
+                pty: None,
+                agent: false,
+            },
         );
         reply.accept().await;
         Ok(())
@@ -368,7 +430,11 @@ impl russh::server::Handler for Connection {
                 false
             }
         };
-        if ok { session.channel_success(id)? } else { session.channel_failure(id)? }
+        if ok {
+            session.channel_success(id)?
+        } else {
+            session.channel_failure(id)?
+        }
         Ok(())
     }
 
@@ -393,8 +459,18 @@ impl russh::server::Handler for Connection {
             session.channel_failure(id)?;
             return Ok(());
         }
-        let term: String = term.chars().filter(|c| c.is_ascii_graphic()).take(64).collect();
-        let req = PtyRequest { term, cols, rows, pix_width, pix_height };
+        let term: String = term
+            .chars()
+            .filter(|c| c.is_ascii_graphic())
+            .take(64)
+            .collect();
+        let req = PtyRequest {
+            term,
+            cols,
+            rows,
+            pix_width,
+            pix_height,
+        };
         match pty::open(&req) {
             Ok(p) => {
                 pending.pty = Some((req, p));
@@ -425,12 +501,23 @@ impl russh::server::Handler for Connection {
         } else {
             false
         };
-        if ok { session.channel_success(id)? } else { session.channel_failure(id)? }
+        if ok {
+            session.channel_success(id)?
+        } else {
+            session.channel_failure(id)?
+        }
         Ok(())
     }
 
-    async fn agent_request(&mut self, id: ChannelId, _session: &mut Session) -> Result<bool, Self::Error> {
-        let allowed = self.grant.as_ref().is_some_and(|g| g.permit_agent_forwarding);
+    async fn agent_request(
+        &mut self,
+        id: ChannelId,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let allowed = self
+            .grant
+            .as_ref()
+            .is_some_and(|g| g.permit_agent_forwarding);
         match self.pending.get_mut(&id) {
             Some(p) if allowed => {
                 p.agent = true;
@@ -440,7 +527,12 @@ impl russh::server::Handler for Connection {
         }
     }
 
-    async fn exec_request(&mut self, id: ChannelId, data: &[u8], session: &mut Session) -> Result<(), Self::Error> {
+    async fn exec_request(
+        &mut self,
+        id: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
         if data.len() > MAX_COMMAND_BYTES {
             info!(peer = %self.peer, bytes = data.len(), "exec refused: command too long");
             session.channel_failure(id)?;
@@ -450,11 +542,20 @@ impl russh::server::Handler for Connection {
         self.start(id, Request::Exec(data.to_vec()), session)
     }
 
-    async fn shell_request(&mut self, id: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
+    async fn shell_request(
+        &mut self,
+        id: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
         self.start(id, Request::Shell, session)
     }
 
-    async fn subsystem_request(&mut self, id: ChannelId, name: &str, session: &mut Session) -> Result<(), Self::Error> {
+    async fn subsystem_request(
+        &mut self,
+        id: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
         self.start(id, Request::Subsystem(name.to_string()), session)
     }
 
@@ -471,7 +572,11 @@ impl russh::server::Handler for Connection {
         Ok(())
     }
 
-    async fn channel_close(&mut self, id: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
+    async fn channel_close(
+        &mut self,
+        id: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
         self.pending.remove(&id);
         self.terminals.remove(&id);
         Ok(())
