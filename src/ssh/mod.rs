@@ -13,5 +13,6 @@ pub mod authorized_keys;
 pub mod exec;
 pub mod metrics;
 pub mod pty;
+pub mod reload;
 pub mod server;
 pub mod session;

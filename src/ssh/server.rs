@@ -56,6 +56,8 @@ const CIPHERS: &[russh::cipher::Name] = &[
 
 /// Login grace time: unauthenticated connections are closed after this.
 pub const LOGIN_GRACE: Duration = Duration::from_secs(60);
+/// While draining: how long an idle connection may stay before it is closed.
+const DRAIN_IDLE_CLOSE: Duration = Duration::from_millis(500);
 /// Connections accepted at once, authenticated or not.
 pub const MAX_CONNECTIONS: usize = 2048;
 
@@ -244,6 +246,12 @@ async fn serve_connection(
     let grace = tokio::time::sleep(LOGIN_GRACE.saturating_sub(started.elapsed()));
     tokio::pin!(grace);
     let mut draining = false;
+    // While draining, an idle connection is closed shortly after its last channel ended: a
+    // plain client closes it itself after reading its exit status, and a DISCONNECT sent
+    // before its channel CLOSE reply would turn a good exit into 255.
+    let idle_close = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(idle_close);
+    let mut idle_armed = false;
     let outcome = loop {
         tokio::select! {
             result = &mut session => {
@@ -262,12 +270,18 @@ async fn serve_connection(
             _ = shared.draining.cancelled(), if !draining => {
                 draining = true;
                 if conn.open_channels() == 0 {
-                    let _ = handle
-                        .disconnect(russh::Disconnect::ByApplication, "server shutting down".into(), "".into())
-                        .await;
+                    idle_close.as_mut().reset(tokio::time::Instant::now() + DRAIN_IDLE_CLOSE);
+                    idle_armed = true;
                 }
             }
             _ = conn.idle.notified(), if draining => {
+                if conn.open_channels() == 0 {
+                    idle_close.as_mut().reset(tokio::time::Instant::now() + DRAIN_IDLE_CLOSE);
+                    idle_armed = true;
+                }
+            }
+            _ = &mut idle_close, if idle_armed => {
+                idle_armed = false;
                 if conn.open_channels() == 0 {
                     let _ = handle
                         .disconnect(russh::Disconnect::ByApplication, "server shutting down".into(), "".into())
