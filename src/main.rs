@@ -56,7 +56,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tm-sidecar: cannot start the async runtime: {e}");
@@ -114,7 +117,10 @@ async fn check_config(settings: Settings) -> Result<ExitCode> {
     keys::load_host_keys(&config.host_keys)?;
     ssh::auth::AuthPolicy::load(&config)?;
     monitord::Monitord::check(&config.monitord)?;
-    println!("{}", toml::to_string_pretty(&config).context("cannot print the configuration")?);
+    println!(
+        "{}",
+        toml::to_string_pretty(&config).context("cannot print the configuration")?
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -136,7 +142,8 @@ async fn serve(settings: Settings) -> Result<ExitCode> {
         &mut registry,
     )?;
     let ssh_server =
-        ssh::server::SshServer::bind(&config, host_keys, auth, transfer, &mut registry).await?;
+        ssh::server::SshServer::bind(&config, host_keys, auth.clone(), transfer, &mut registry)
+            .await?;
     let monitord = monitord::Monitord::bind(&config.monitord, &mut registry).await?;
     let admin_state = admin::AdminState::new(registry, monitord.host_table());
     let admin_addr = match config.admin_listen {
@@ -144,8 +151,10 @@ async fn serve(settings: Settings) -> Result<ExitCode> {
         None => None,
     };
 
+    let mut signals = StopSignals::install()?;
     let shutdown = CancellationToken::new();
     let ssh_addrs = ssh_server.local_addrs();
+    admin_state.set_ready(true);
     info!(
         ssh = %join(&ssh_addrs),
         monitord = %join(&monitord.local_addrs()),
@@ -158,10 +167,19 @@ async fn serve(settings: Settings) -> Result<ExitCode> {
     }
     let ssh_task = tokio::spawn(ssh_server.run(shutdown.clone(), config.shutdown_grace));
     let monitord_task = tokio::spawn(monitord.run(shutdown.clone()));
-    admin_state.set_ready(true);
+    let watched: Vec<_> = config
+        .authorized_keys
+        .iter()
+        .chain(&config.trusted_user_ca_keys)
+        .cloned()
+        .collect();
+    tokio::spawn(ssh::reload::watch(auth, watched, shutdown.clone()));
 
-    wait_for_signal().await?;
-    info!(grace_seconds = config.shutdown_grace.as_secs(), "shutting down: draining sessions");
+    signals.next().await;
+    info!(
+        grace_seconds = config.shutdown_grace.as_secs(),
+        "shutting down: draining sessions"
+    );
     admin_state.set_ready(false);
     shutdown.cancel();
     let drained = async {
@@ -170,33 +188,54 @@ async fn serve(settings: Settings) -> Result<ExitCode> {
     };
     tokio::select! {
         _ = drained => info!("all sessions finished"),
-        _ = wait_for_signal() => warn!("second signal: exiting at once"),
+        _ = signals.next() => warn!("second signal: exiting at once"),
     }
     Ok(ExitCode::SUCCESS)
 }
 
 fn join(addrs: &[std::net::SocketAddr]) -> String {
-    addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",")
+    addrs
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
-/// Wait for SIGTERM or SIGINT.
-async fn wait_for_signal() -> Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, installed once so that a second signal is seen as a second one.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> Result<StopSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?,
+        })
     }
-    Ok(())
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
 
 fn print_dev_help(config: &Config, ssh_addrs: &[std::net::SocketAddr]) {
-    let Some(addr) = ssh_addrs.first() else { return };
+    let Some(addr) = ssh_addrs.first() else {
+        return;
+    };
     let key_dir = std::env::current_dir()
         .map(|d| d.join(tm_sidecar::config::DEV_KEY_DIR))
         .unwrap_or_default();
-    let user = config.allow_users.last().cloned().unwrap_or_else(|| "oneadmin".into());
+    let user = config
+        .allow_users
+        .last()
+        .cloned()
+        .unwrap_or_else(|| "oneadmin".into());
     let key = key_dir.join(keys::CLIENT_KEY);
     let known = key_dir.join("known_hosts");
     let ssh = format!(
@@ -225,7 +264,9 @@ fn print_dev_help(config: &Config, ssh_addrs: &[std::net::SocketAddr]) {
 
 /// Quote a path for a POSIX shell only when it needs it.
 fn shell_quote(s: &str) -> String {
-    if s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+=:@".contains(c)) {
+    if s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/._-+=:@".contains(c))
+    {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))

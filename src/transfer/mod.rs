@@ -27,6 +27,10 @@ impl Transfer {
         fsync: bool,
         _registry: &mut Registry,
     ) -> Result<Arc<Transfer>> {
-        Ok(Arc::new(Transfer { roots: roots.to_vec(), home: home.to_path_buf(), fsync }))
+        Ok(Arc::new(Transfer {
+            roots: roots.to_vec(),
+            home: home.to_path_buf(),
+            fsync,
+        }))
     }
 }
