@@ -1,7 +1,7 @@
 //! The embedded SSH server (russh).
 //!
 //! - [`server`]: listeners, accept loop, connection limits, russh configuration
-//! - [`auth`]: authorized_keys, certificates, login policy
+//! - [`auth`]: authorized_keys, certificates, login policy ([`authorized_keys`], [`patterns`])
 //! - [`session`]: the per-connection russh handler (channels, requests)
 //! - [`exec`]: running a command and pumping its stdin/stdout/stderr
 //! - [`agent`]: agent forwarding (`auth-agent@openssh.com`)
@@ -12,6 +12,7 @@ pub mod auth;
 pub mod authorized_keys;
 pub mod exec;
 pub mod metrics;
+pub mod patterns;
 pub mod pty;
 pub mod reload;
 pub mod server;
