@@ -54,13 +54,16 @@ impl RateLimiter {
         if b.len() >= self.max_sources && !b.contains_key(&ip) {
             // Forget sources whose bucket has refilled; they lose nothing by it.
             let (rate, burst) = (self.rate, self.burst);
-            b.retain(|_, (tokens, at)| *tokens + now.saturating_duration_since(*at).as_secs_f64() * rate < burst);
+            b.retain(|_, (tokens, at)| {
+                *tokens + now.saturating_duration_since(*at).as_secs_f64() * rate < burst
+            });
             if b.len() >= self.max_sources {
                 b.clear();
             }
         }
         let (tokens, at) = b.entry(ip).or_insert((self.burst, now));
-        *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
+        *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * self.rate)
+            .min(self.burst);
         *at = now;
         if *tokens >= 1.0 {
             *tokens -= 1.0;
@@ -119,7 +122,12 @@ impl Pipeline {
         self.metrics.reject(t, r);
         let sec = self.started.elapsed().as_secs();
         let prev = self.last_warn.load(Ordering::Relaxed);
-        if prev != sec && self.last_warn.compare_exchange(prev, sec, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+        if prev != sec
+            && self
+                .last_warn
+                .compare_exchange(prev, sec, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
             warn!(transport = t.as_str(), source = %peer, reason = r.as_str(), sample = %escape_bytes(sample, 120),
                 "monitord: message refused (further refusals this second are only counted)");
         } else {
@@ -153,7 +161,10 @@ impl Pipeline {
                 Update::None
             }
         };
-        match self.table.record(m.ty, m.status, m.host_id, m.epoch, update) {
+        match self
+            .table
+            .record(m.ty, m.status, m.host_id, m.epoch, update)
+        {
             Recorded::Updated => {}
             Recorded::OutOfOrder => self.metrics.out_of_order(m.ty),
             Recorded::Untracked => {
@@ -205,16 +216,21 @@ pub async fn udp_loop(sock: Arc<UdpSocket>, p: Arc<Pipeline>, stop: Cancellation
             continue;
         }
         let msg = &buf[..n];
-        if p.process(Transport::Udp, &mut decoder, peer, msg).is_some() {
-            if let Some(f) = &forwarder {
-                f.forward(msg);
-            }
+        if p.process(Transport::Udp, &mut decoder, peer, msg).is_some()
+            && let Some(f) = &forwarder
+        {
+            f.forward(msg);
         }
     }
 }
 
 /// Accept loop for one TCP listener; connections are tracked so that shutdown can wait for them.
-pub async fn tcp_loop(listener: TcpListener, p: Arc<Pipeline>, stop: CancellationToken, tracker: TaskTracker) {
+pub async fn tcp_loop(
+    listener: TcpListener,
+    p: Arc<Pipeline>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
     loop {
         let (stream, peer) = tokio::select! {
             biased;
@@ -277,14 +293,24 @@ async fn handle_tcp(mut stream: tokio::net::TcpStream, peer: SocketAddr, p: &Pip
     let end = match tokio::time::timeout(p.read_timeout, read).await {
         Ok(end) => end,
         Err(_) => {
-            p.reject(Transport::Tcp, Reject::Timeout, peer, &msg[..msg.len().min(120)]);
+            p.reject(
+                Transport::Tcp,
+                Reject::Timeout,
+                peer,
+                &msg[..msg.len().min(120)],
+            );
             return;
         }
     };
     match end {
         ReadEnd::Eof => {}
         ReadEnd::TooLarge => {
-            p.reject(Transport::Tcp, Reject::TooLarge, peer, &msg[..msg.len().min(120)]);
+            p.reject(
+                Transport::Tcp,
+                Reject::TooLarge,
+                peer,
+                &msg[..msg.len().min(120)],
+            );
             return;
         }
         ReadEnd::Error => {
@@ -298,10 +324,10 @@ async fn handle_tcp(mut stream: tokio::net::TcpStream, peer: SocketAddr, p: &Pip
         return;
     }
     let mut decoder = Decoder::new(p.decode.clone());
-    if let Some((host_id, ty)) = p.process(Transport::Tcp, &mut decoder, peer, &msg) {
-        if let Some(q) = &p.tcp_queue {
-            q.enqueue(host_id, ty, msg);
-        }
+    if let Some((host_id, ty)) = p.process(Transport::Tcp, &mut decoder, peer, &msg)
+        && let Some(q) = &p.tcp_queue
+    {
+        q.enqueue(host_id, ty, msg);
     }
 }
 
@@ -319,7 +345,10 @@ mod tests {
         assert_eq!(allowed, 10);
         assert!(l.allow(b, t0), "another source has its own bucket");
         assert!(!l.allow(a, t0));
-        assert!(l.allow(a, t0 + Duration::from_millis(150)), "refilled at 10/s");
+        assert!(
+            l.allow(a, t0 + Duration::from_millis(150)),
+            "refilled at 10/s"
+        );
         let unlimited = RateLimiter::new(0);
         assert!((0..10_000).all(|_| unlimited.allow(a, t0)));
     }

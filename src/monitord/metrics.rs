@@ -22,7 +22,12 @@ pub enum Forward {
 }
 
 impl Forward {
-    pub const ALL: [Forward; 4] = [Forward::Ok, Forward::Error, Forward::Dropped, Forward::Superseded];
+    pub const ALL: [Forward; 4] = [
+        Forward::Ok,
+        Forward::Error,
+        Forward::Dropped,
+        Forward::Superseded,
+    ];
     pub fn as_str(self) -> &'static str {
         match self {
             Forward::Ok => "ok",
@@ -67,20 +72,37 @@ impl Metrics {
         for t in Transport::ALL {
             for ty in MsgType::ALL {
                 for s in Status::ALL {
-                    let labels = [("transport", t.as_str()), ("type", ty.as_str()), ("status", s.as_str())];
+                    let labels = [
+                        ("transport", t.as_str()),
+                        ("type", ty.as_str()),
+                        ("status", s.as_str()),
+                    ];
                     messages.push(messages_f.get_or_create(&labels).clone());
                 }
             }
             for r in Reject::ALL {
-                rejected.push(rejected_f.get_or_create(&[("transport", t.as_str()), ("reason", r.as_str())]).clone());
+                rejected.push(
+                    rejected_f
+                        .get_or_create(&[("transport", t.as_str()), ("reason", r.as_str())])
+                        .clone(),
+                );
             }
             for f in Forward::ALL {
-                forwarded.push(forwarded_f.get_or_create(&[("transport", t.as_str()), ("result", f.as_str())]).clone());
+                forwarded.push(
+                    forwarded_f
+                        .get_or_create(&[("transport", t.as_str()), ("result", f.as_str())])
+                        .clone(),
+                );
             }
         }
-        let out_of_order = MsgType::ALL.iter().map(|ty| ooo_f.get_or_create(&[("type", ty.as_str())]).clone()).collect();
-        let payload_errors =
-            MsgType::ALL.iter().map(|ty| perr_f.get_or_create(&[("type", ty.as_str())]).clone()).collect();
+        let out_of_order = MsgType::ALL
+            .iter()
+            .map(|ty| ooo_f.get_or_create(&[("type", ty.as_str())]).clone())
+            .collect();
+        let payload_errors = MsgType::ALL
+            .iter()
+            .map(|ty| perr_f.get_or_create(&[("type", ty.as_str())]).clone())
+            .collect();
         let m = Metrics {
             messages,
             rejected,
@@ -91,9 +113,21 @@ impl Metrics {
             tcp_connections: Gauge::default(),
             tcp_queue: Gauge::default(),
         };
-        registry.register("monitord_messages", "Well-formed monitord messages received", messages_f);
-        registry.register("monitord_rejected", "Monitord messages refused, by reason", rejected_f);
-        registry.register("monitord_forwarded", "Monitord messages forwarded upstream, by result", forwarded_f);
+        registry.register(
+            "monitord_messages",
+            "Well-formed monitord messages received",
+            messages_f,
+        );
+        registry.register(
+            "monitord_rejected",
+            "Monitord messages refused, by reason",
+            rejected_f,
+        );
+        registry.register(
+            "monitord_forwarded",
+            "Monitord messages forwarded upstream, by result",
+            forwarded_f,
+        );
         registry.register(
             "monitord_out_of_order",
             "Messages older than the last one seen for the same host and type",
@@ -109,7 +143,11 @@ impl Metrics {
             "Messages from hosts not tracked because the host table is full",
             m.untracked_hosts.clone(),
         );
-        registry.register("monitord_tcp_connections", "Open monitord TCP connections", m.tcp_connections.clone());
+        registry.register(
+            "monitord_tcp_connections",
+            "Open monitord TCP connections",
+            m.tcp_connections.clone(),
+        );
         registry.register(
             "monitord_tcp_queue",
             "TCP messages waiting for (or in) delivery upstream",

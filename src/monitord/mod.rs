@@ -42,7 +42,9 @@ pub struct Monitord {
 
 /// Receive tasks per UDP socket: one per core, at most 4.
 fn udp_tasks() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4)
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4)
 }
 
 impl Monitord {
@@ -60,10 +62,12 @@ impl Monitord {
             let t = TcpListener::bind(addr)
                 .await
                 .map_err(|e| anyhow!("--monitord-listen {addr}: cannot bind TCP: {e}"))?;
-            let actual = t.local_addr().map_err(|e| anyhow!("--monitord-listen {addr}: {e}"))?;
-            let u = UdpSocket::bind(actual)
-                .await
-                .map_err(|e| anyhow!("--monitord-listen {addr}: cannot bind UDP on {actual}: {e}"))?;
+            let actual = t
+                .local_addr()
+                .map_err(|e| anyhow!("--monitord-listen {addr}: {e}"))?;
+            let u = UdpSocket::bind(actual).await.map_err(|e| {
+                anyhow!("--monitord-listen {addr}: cannot bind UDP on {actual}: {e}")
+            })?;
             // Bursts of datagrams must not overflow the default (~200 KiB) receive buffer.
             let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&u, 8 << 20);
             addrs.push(actual);
@@ -92,7 +96,13 @@ impl Monitord {
             cfg.read_timeout,
             cfg.max_connections,
         ));
-        Ok(Monitord { table, addrs, udp, tcp, pipeline })
+        Ok(Monitord {
+            table,
+            addrs,
+            udp,
+            tcp,
+            pipeline,
+        })
     }
 
     /// Validate what `bind` would load (the private key), without binding (`check-config`).
@@ -115,7 +125,13 @@ impl Monitord {
 
     /// Serve until `shutdown`; TCP accept stops at once, in-flight messages finish.
     pub async fn run(self, shutdown: CancellationToken) {
-        let Monitord { udp, tcp, pipeline, addrs, .. } = self;
+        let Monitord {
+            udp,
+            tcp,
+            pipeline,
+            addrs,
+            ..
+        } = self;
         if addrs.is_empty() {
             shutdown.cancelled().await;
             return;
@@ -127,25 +143,40 @@ impl Monitord {
             "monitord relay running"
         );
         let relay_stop = CancellationToken::new();
-        let queue_task = pipeline.tcp_queue.clone().map(|q| tokio::spawn(q.run(relay_stop.clone())));
+        let queue_task = pipeline
+            .tcp_queue
+            .clone()
+            .map(|q| tokio::spawn(q.run(relay_stop.clone())));
         let tracker = TaskTracker::new();
         let mut loops = tokio::task::JoinSet::new();
         for sock in udp {
             for _ in 0..udp_tasks() {
-                loops.spawn(listener::udp_loop(sock.clone(), pipeline.clone(), shutdown.clone()));
+                loops.spawn(listener::udp_loop(
+                    sock.clone(),
+                    pipeline.clone(),
+                    shutdown.clone(),
+                ));
             }
         }
         for l in tcp {
-            loops.spawn(listener::tcp_loop(l, pipeline.clone(), shutdown.clone(), tracker.clone()));
+            loops.spawn(listener::tcp_loop(
+                l,
+                pipeline.clone(),
+                shutdown.clone(),
+                tracker.clone(),
+            ));
         }
         while loops.join_next().await.is_some() {}
         // Listeners are closed; let accepted connections finish (bounded by the read timeout).
         tracker.close();
         tracker.wait().await;
-        if let Some(q) = &pipeline.tcp_queue {
-            if !q.wait_empty(DRAIN_TIMEOUT).await {
-                tracing::warn!(pending = q.len(), "monitord: TCP messages not delivered before shutdown");
-            }
+        if let Some(q) = &pipeline.tcp_queue
+            && !q.wait_empty(DRAIN_TIMEOUT).await
+        {
+            tracing::warn!(
+                pending = q.len(),
+                "monitord: TCP messages not delivered before shutdown"
+            );
         }
         relay_stop.cancel();
         if let Some(t) = queue_task {

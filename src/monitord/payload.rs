@@ -18,9 +18,10 @@ impl<'a> Value<'a> {
     /// The value of a vector's element `key` (case-insensitive).
     pub fn get(&self, key: &str) -> Option<&str> {
         match self {
-            Value::Vector(v) => {
-                v.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v.as_ref())
-            }
+            Value::Vector(v) => v
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(key))
+                .map(|(_, v)| v.as_ref()),
             Value::Single(_) => None,
         }
     }
@@ -174,7 +175,11 @@ impl<'a> Parser<'a> {
     }
 
     fn value(&mut self, in_vector: bool) -> Result<Cow<'a, str>, PayloadError> {
-        if self.peek() == Some(b'"') { self.quoted() } else { Ok(self.bare(in_vector)) }
+        if self.peek() == Some(b'"') {
+            self.quoted()
+        } else {
+            Ok(self.bare(in_vector))
+        }
     }
 
     fn vector(&mut self) -> Result<Value<'a>, PayloadError> {
@@ -230,7 +235,12 @@ impl<'a> Parser<'a> {
 
 /// Parse template text.
 pub fn parse_str(s: &str) -> Result<Template<'_>, PayloadError> {
-    Parser { s, b: s.as_bytes(), pos: 0 }.template()
+    Parser {
+        s,
+        b: s.as_bytes(),
+        pos: 0,
+    }
+    .template()
 }
 
 /// Parse a decoded payload (must be UTF-8).
@@ -270,16 +280,25 @@ pub fn monitor_vms(t: &Template<'_>) -> Result<Vec<MonitoredVm>, PayloadError> {
     for vm in t.vectors("VM") {
         let id = vm.get("ID").unwrap_or("").to_string();
         let Some(b64) = vm.get("MONITOR") else {
-            out.push(MonitoredVm { id, monitor: Template::default() });
+            out.push(MonitoredVm {
+                id,
+                monitor: Template::default(),
+            });
             continue;
         };
         let clean: Vec<u8> = b64.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(&clean)
-            .map_err(|_| PayloadError::MonitorNotBase64(crate::escape::escape_bytes(id.as_bytes(), 64)))?;
-        let monitor = parse(&bytes)
-            .map_err(|e| PayloadError::Monitor(crate::escape::escape_bytes(id.as_bytes(), 64), Box::new(e)))?;
-        out.push(MonitoredVm { id, monitor: owned(monitor) });
+            .map_err(|_| {
+                PayloadError::MonitorNotBase64(crate::escape::escape_bytes(id.as_bytes(), 64))
+            })?;
+        let monitor = parse(&bytes).map_err(|e| {
+            PayloadError::Monitor(crate::escape::escape_bytes(id.as_bytes(), 64), Box::new(e))
+        })?;
+        out.push(MonitoredVm {
+            id,
+            monitor: owned(monitor),
+        });
     }
     Ok(out)
 }
@@ -300,7 +319,10 @@ mod tests {
         let hp: Vec<_> = t.vectors("HUGEPAGE").collect();
         assert_eq!(hp.len(), 1);
         assert_eq!(hp[0].get("SIZE"), Some("2048"));
-        assert_eq!(t.vectors("MEMORY_NODE").next().unwrap().get("used"), Some("3012345"));
+        assert_eq!(
+            t.vectors("MEMORY_NODE").next().unwrap().get("used"),
+            Some("3012345")
+        );
     }
 
     #[test]
@@ -311,7 +333,10 @@ mod tests {
         let t = parse_str(text).unwrap();
         assert_eq!(t.single("DS_LOCATION_USED_MB"), Some("1234"));
         let ds = t.vectors("DS").next().unwrap();
-        assert_eq!((ds.get("ID"), ds.get("FREE_MB")), (Some("0"), Some("48766")));
+        assert_eq!(
+            (ds.get("ID"), ds.get("FREE_MB")),
+            (Some("0"), Some("48766"))
+        );
         assert_eq!(t.single("VERSION"), Some("7.0.0"));
         assert_eq!(t.single("MODELNAME"), Some("Intel(R) \"Xeon\" = [x]"));
         assert_eq!(t.single("HOSTNAME"), Some("node-1"));
@@ -331,7 +356,15 @@ mod tests {
         let text = format!("VM = [ ID = 12, MONITOR = \"{inner}\"]");
         let t = parse_str(&text).unwrap();
         let vms = monitor_vms(&t).unwrap();
-        assert_eq!(vms[0].monitor.vectors("DISK_SIZE").next().unwrap().get("SIZE"), Some("123"));
+        assert_eq!(
+            vms[0]
+                .monitor
+                .vectors("DISK_SIZE")
+                .next()
+                .unwrap()
+                .get("SIZE"),
+            Some("123")
+        );
     }
 
     #[test]
@@ -350,7 +383,10 @@ mod tests {
         }
         assert_eq!(parse(b"\xff\xfe"), Err(PayloadError::NotUtf8));
         let t = parse_str("VM=[ID=1,MONITOR=\"%%%\"]").unwrap();
-        assert!(matches!(monitor_vms(&t), Err(PayloadError::MonitorNotBase64(_))));
+        assert!(matches!(
+            monitor_vms(&t),
+            Err(PayloadError::MonitorNotBase64(_))
+        ));
         assert_eq!(parse_str("").unwrap().attrs.len(), 0);
         assert_eq!(parse_str("K=").unwrap().single("K"), Some(""));
     }

@@ -121,7 +121,9 @@ impl TcpQueue {
     }
 
     fn update_gauge(&self, q: &Queue) {
-        self.metrics.tcp_queue.set((q.pending.len() + q.inflight.len()) as i64);
+        self.metrics
+            .tcp_queue
+            .set((q.pending.len() + q.inflight.len()) as i64);
     }
 
     /// Queue a message for delivery; returns at once.
@@ -140,7 +142,11 @@ impl TcpQueue {
         if q.pending.len() >= self.limits.max_entries || q.bytes + len > self.limits.max_bytes {
             drop(q);
             self.metrics.forward(Transport::Tcp, Forward::Dropped);
-            warn!(host_id, r#type = ty.as_str(), "monitord: TCP retry queue full, message dropped");
+            warn!(
+                host_id,
+                r#type = ty.as_str(),
+                "monitord: TCP retry queue full, message dropped"
+            );
             return;
         }
         q.pending.insert(key, msg);
@@ -220,9 +226,12 @@ impl TcpQueue {
     }
 
     async fn deliver(upstream: SocketAddr, limits: QueueLimits, msg: &[u8]) -> io::Result<()> {
-        let mut s = tokio::time::timeout(limits.connect_timeout, tokio::net::TcpStream::connect(upstream))
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        let mut s = tokio::time::timeout(
+            limits.connect_timeout,
+            tokio::net::TcpStream::connect(upstream),
+        )
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
         tokio::time::timeout(limits.write_timeout, async {
             s.write_all(msg).await?;
             s.shutdown().await
@@ -242,15 +251,16 @@ impl TcpQueue {
                 self.on_done(done, &mut backoff, &mut retry_at, &mut logged_down);
             }
             let blocked = retry_at.is_some_and(|t| Instant::now() < t);
-            if !blocked && tasks.len() < self.limits.max_inflight {
-                if let Some((key, msg)) = self.take_next() {
-                    let (up, limits) = (self.upstream, self.limits);
-                    tasks.spawn(async move {
-                        let r = Self::deliver(up, limits, &msg).await;
-                        (key, msg, r)
-                    });
-                    continue;
-                }
+            if !blocked
+                && tasks.len() < self.limits.max_inflight
+                && let Some((key, msg)) = self.take_next()
+            {
+                let (up, limits) = (self.upstream, self.limits);
+                tasks.spawn(async move {
+                    let r = Self::deliver(up, limits, &msg).await;
+                    (key, msg, r)
+                });
+                continue;
             }
             let sleep_until = retry_at.filter(|_| blocked);
             tokio::select! {
@@ -315,7 +325,10 @@ mod tests {
         let addr = probe.local_addr().unwrap();
         drop(probe);
         let metrics = Arc::new(Metrics::new_unregistered());
-        let limits = QueueLimits { backoff_max: Duration::from_millis(200), ..QueueLimits::default() };
+        let limits = QueueLimits {
+            backoff_max: Duration::from_millis(200),
+            ..QueueLimits::default()
+        };
         let q = TcpQueue::new(addr, limits, metrics.clone());
         let stop = CancellationToken::new();
         let worker = tokio::spawn(q.clone().run(stop.clone()));
@@ -343,7 +356,11 @@ mod tests {
     #[tokio::test]
     async fn queue_is_bounded() {
         let metrics = Arc::new(Metrics::new_unregistered());
-        let limits = QueueLimits { max_entries: 2, max_bytes: 10, ..QueueLimits::default() };
+        let limits = QueueLimits {
+            max_entries: 2,
+            max_bytes: 10,
+            ..QueueLimits::default()
+        };
         let q = TcpQueue::new("127.0.0.1:9".parse().unwrap(), limits, metrics.clone());
         q.enqueue(1, MsgType::StateVm, b"aaaa".to_vec());
         q.enqueue(2, MsgType::StateVm, b"bbbb".to_vec());

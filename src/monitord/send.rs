@@ -80,15 +80,30 @@ pub fn build(args: &SendArgs, payload: &[u8]) -> Result<Vec<u8>> {
     });
     // Ruby's String#strip: surrounding whitespace and NULs.
     let strip = |b: &u8| b.is_ascii_whitespace() || *b == 0 || *b == 0x0b;
-    let start = payload.iter().position(|b| !strip(b)).unwrap_or(payload.len());
-    let end = payload.iter().rposition(|b| !strip(b)).map_or(start, |i| i + 1);
-    wire::encode(args.msg_type, args.status, args.host_id, epoch, &payload[start..end], key.as_ref())
+    let start = payload
+        .iter()
+        .position(|b| !strip(b))
+        .unwrap_or(payload.len());
+    let end = payload
+        .iter()
+        .rposition(|b| !strip(b))
+        .map_or(start, |i| i + 1);
+    wire::encode(
+        args.msg_type,
+        args.status,
+        args.host_id,
+        epoch,
+        &payload[start..end],
+        key.as_ref(),
+    )
 }
 
 pub async fn run(args: SendArgs) -> Result<()> {
     let mut payload = Vec::new();
     if args.payload_file.as_os_str() == "-" {
-        std::io::stdin().read_to_end(&mut payload).context("cannot read the payload from stdin")?;
+        std::io::stdin()
+            .read_to_end(&mut payload)
+            .context("cannot read the payload from stdin")?;
     } else {
         payload = std::fs::read(&args.payload_file)
             .with_context(|| format!("--payload-file {}", args.payload_file.display()))?;
@@ -96,7 +111,10 @@ pub async fn run(args: SendArgs) -> Result<()> {
     let msg = build(&args, &payload)?;
     let transport = args.transport();
     if transport == Transport::Udp && msg.len() >= 65507 {
-        bail!("message is {} bytes, too large for one UDP datagram; use --tcp", msg.len());
+        bail!(
+            "message is {} bytes, too large for one UDP datagram; use --tcp",
+            msg.len()
+        );
     }
     let target = (args.host.as_str(), args.port);
     let addr = tokio::net::lookup_host(target)
@@ -106,10 +124,17 @@ pub async fn run(args: SendArgs) -> Result<()> {
         .with_context(|| format!("{} has no address", args.host))?;
     match transport {
         Transport::Udp => {
-            let local: std::net::SocketAddr =
-                if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
-            let sock = tokio::net::UdpSocket::bind(local).await.context("cannot open a UDP socket")?;
-            sock.send_to(&msg, addr).await.with_context(|| format!("cannot send to {addr}"))?;
+            let local: std::net::SocketAddr = if addr.is_ipv4() {
+                ([0, 0, 0, 0], 0).into()
+            } else {
+                ([0u16; 8], 0).into()
+            };
+            let sock = tokio::net::UdpSocket::bind(local)
+                .await
+                .context("cannot open a UDP socket")?;
+            sock.send_to(&msg, addr)
+                .await
+                .with_context(|| format!("cannot send to {addr}"))?;
         }
         Transport::Tcp => {
             let fut = async {
@@ -148,10 +173,20 @@ mod tests {
     #[test]
     fn flags_and_defaults() {
         let a = Cli::parse_from(["x"]).args;
-        assert_eq!((a.host.as_str(), a.port, a.host_id), ("127.0.0.1", 4124, -1));
-        assert_eq!((a.msg_type, a.status, a.transport()), (MsgType::BeaconHost, Status::Success, Transport::Udp));
-        let a = Cli::parse_from(["x", "--type", "STATE_VM", "--host-id", "-1", "--epoch", "0"]).args;
-        assert_eq!((a.transport(), a.host_id, a.epoch), (Transport::Tcp, -1, Some(0)));
+        assert_eq!(
+            (a.host.as_str(), a.port, a.host_id),
+            ("127.0.0.1", 4124, -1)
+        );
+        assert_eq!(
+            (a.msg_type, a.status, a.transport()),
+            (MsgType::BeaconHost, Status::Success, Transport::Udp)
+        );
+        let a =
+            Cli::parse_from(["x", "--type", "STATE_VM", "--host-id", "-1", "--epoch", "0"]).args;
+        assert_eq!(
+            (a.transport(), a.host_id, a.epoch),
+            (Transport::Tcp, -1, Some(0))
+        );
         let a = Cli::parse_from(["x", "--type", "state_vm", "--udp", "--status", "FAILURE"]).args;
         assert_eq!((a.transport(), a.status), (Transport::Udp, Status::Failure));
         assert!(Cli::try_parse_from(["x", "--tcp", "--udp"]).is_err());
@@ -160,7 +195,16 @@ mod tests {
 
     #[test]
     fn built_message_decodes_and_is_stripped() {
-        let a = Cli::parse_from(["x", "--type", "MONITOR_HOST", "--host-id", "5", "--epoch", "77"]).args;
+        let a = Cli::parse_from([
+            "x",
+            "--type",
+            "MONITOR_HOST",
+            "--host-id",
+            "5",
+            "--epoch",
+            "77",
+        ])
+        .args;
         let msg = build(&a, b"\n  FREECPU=1\n\n").unwrap();
         assert!(msg.starts_with(b"MONITOR_HOST SUCCESS 5 77 "));
         assert!(!msg.ends_with(b"\n"));

@@ -20,7 +20,14 @@ use super::wire::{Message, MsgType, Status};
 const MAX_TEXT: usize = 1024;
 
 /// VM states counted from STATE_VM (kvm.rb STATE_MAP); anything else is `OTHER`.
-const VM_STATES: [&str; 6] = ["RUNNING", "SUSPENDED", "FAILURE", "POWEROFF", "UNKNOWN", "OTHER"];
+const VM_STATES: [&str; 6] = [
+    "RUNNING",
+    "SUSPENDED",
+    "FAILURE",
+    "POWEROFF",
+    "UNKNOWN",
+    "OTHER",
+];
 
 #[derive(Clone, Copy, Debug, Default)]
 struct Seen {
@@ -95,7 +102,11 @@ fn text(s: &str) -> String {
 }
 
 fn num(t: &Template<'_>, k: &str) -> Option<f64> {
-    t.single(k)?.trim().parse::<f64>().ok().filter(|v| v.is_finite())
+    t.single(k)?
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite())
 }
 
 impl Update {
@@ -103,7 +114,9 @@ impl Update {
     /// template (counted by the caller; last-seen is still recorded).
     pub fn from_message(m: &Message<'_>) -> Result<Update, payload::PayloadError> {
         if m.status == Status::Failure {
-            return Ok(Update::Failure(text(String::from_utf8_lossy(m.payload).trim())));
+            return Ok(Update::Failure(text(
+                String::from_utf8_lossy(m.payload).trim(),
+            )));
         }
         match m.ty {
             MsgType::BeaconHost => Ok(Update::None),
@@ -133,7 +146,10 @@ impl Update {
                 let mut counts = [0u64; 6];
                 for vm in t.vectors("VM") {
                     let state = vm.get("STATE").unwrap_or("");
-                    let i = VM_STATES[..5].iter().position(|s| s.eq_ignore_ascii_case(state)).unwrap_or(5);
+                    let i = VM_STATES[..5]
+                        .iter()
+                        .position(|s| s.eq_ignore_ascii_case(state))
+                        .unwrap_or(5);
                     counts[i] += 1;
                 }
                 Ok(Update::VmStates(counts))
@@ -169,7 +185,9 @@ pub struct HostTable {
 
 impl std::fmt::Debug for HostTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HostTable").field("max_hosts", &self.max_hosts).finish_non_exhaustive()
+        f.debug_struct("HostTable")
+            .field("max_hosts", &self.max_hosts)
+            .finish_non_exhaustive()
     }
 }
 
@@ -184,13 +202,19 @@ fn rfc3339(t: f64) -> Json {
     let nanos = (t * 1e9) as i128;
     time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
         .ok()
-        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|d| {
+            d.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .map_or(Json::Null, Json::String)
 }
 
 impl HostTable {
     pub fn new(max_hosts: usize) -> HostTable {
-        HostTable { max_hosts, hosts: Mutex::new(HashMap::new()) }
+        HostTable {
+            max_hosts,
+            hosts: Mutex::new(HashMap::new()),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<i32, Host>> {
@@ -207,7 +231,14 @@ impl HostTable {
     }
 
     /// Record a message received now.
-    pub fn record(&self, ty: MsgType, status: Status, host_id: i32, epoch: i64, update: Update) -> Recorded {
+    pub fn record(
+        &self,
+        ty: MsgType,
+        status: Status,
+        host_id: i32,
+        epoch: i64,
+        update: Update,
+    ) -> Recorded {
         self.record_at(ty, status, host_id, epoch, update, unix_now())
     }
 
@@ -261,7 +292,13 @@ impl HostTable {
             Update::System(s) => host.system = Some(s),
             Update::VmStates(c) => host.vm_states = Some(c),
             Update::VmsMonitored(n) => host.vms_monitored = Some(n),
-            Update::Failure(text) => host.last_failure = Some(Failure { ty, text, received: now }),
+            Update::Failure(text) => {
+                host.last_failure = Some(Failure {
+                    ty,
+                    text,
+                    received: now,
+                })
+            }
         }
         Recorded::Updated
     }
@@ -344,7 +381,12 @@ impl Collector for HostCollector {
         let id_labels: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
 
         let g = ConstGauge::new(hosts.len() as i64);
-        g.encode(encoder.encode_descriptor("monitord_hosts", "Hosts in the monitord host table", None, MetricType::Gauge)?)?;
+        g.encode(encoder.encode_descriptor(
+            "monitord_hosts",
+            "Hosts in the monitord host table",
+            None,
+            MetricType::Gauge,
+        )?)?;
 
         {
             let mut m = encoder.encode_descriptor(
@@ -369,12 +411,36 @@ impl Collector for HostCollector {
 
         type Pick = fn(&Usage) -> Option<f64>;
         let usage: [(&str, &str, Pick); 6] = [
-            ("monitord_host_free_cpu", "FREECPU of the last MONITOR_HOST (percent of one CPU x cores)", |u| u.free_cpu),
-            ("monitord_host_used_cpu", "USEDCPU of the last MONITOR_HOST", |u| u.used_cpu),
-            ("monitord_host_free_memory_kilobytes", "FREEMEMORY of the last MONITOR_HOST (KiB)", |u| u.free_memory),
-            ("monitord_host_used_memory_kilobytes", "USEDMEMORY of the last MONITOR_HOST (KiB)", |u| u.used_memory),
-            ("monitord_host_net_rx_bytes", "NETRX of the last MONITOR_HOST", |u| u.net_rx),
-            ("monitord_host_net_tx_bytes", "NETTX of the last MONITOR_HOST", |u| u.net_tx),
+            (
+                "monitord_host_free_cpu",
+                "FREECPU of the last MONITOR_HOST (percent of one CPU x cores)",
+                |u| u.free_cpu,
+            ),
+            (
+                "monitord_host_used_cpu",
+                "USEDCPU of the last MONITOR_HOST",
+                |u| u.used_cpu,
+            ),
+            (
+                "monitord_host_free_memory_kilobytes",
+                "FREEMEMORY of the last MONITOR_HOST (KiB)",
+                |u| u.free_memory,
+            ),
+            (
+                "monitord_host_used_memory_kilobytes",
+                "USEDMEMORY of the last MONITOR_HOST (KiB)",
+                |u| u.used_memory,
+            ),
+            (
+                "monitord_host_net_rx_bytes",
+                "NETRX of the last MONITOR_HOST",
+                |u| u.net_rx,
+            ),
+            (
+                "monitord_host_net_tx_bytes",
+                "NETTX of the last MONITOR_HOST",
+                |u| u.net_tx,
+            ),
         ];
         for (name, help, pick) in usage {
             let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
@@ -424,16 +490,70 @@ mod tests {
         let t = HostTable::new(10);
         for (host, hostname) in [(3, "kvm-3"), (4, "kvm-4")] {
             let base = 1_724_150_000 + host as i64;
-            feed(&t, &enc(MsgType::MonitorHost, Status::Success, host, base, &format!(
-                "HYPERVISOR=kvm\nUSEDMEMORY=3012345\nFREEMEMORY=13004567\nFREECPU={}\nUSEDCPU=20\nNETRX=123456789\nNETTX=98765432\nHUGEPAGE = [ NODE_ID = \"0\", SIZE = \"2048\", FREE = \"0\" ]\n",
-                700 + host)), 1000.0);
-            feed(&t, &enc(MsgType::SystemHost, Status::Success, host, base, &format!(
-                "HYPERVISOR=kvm\nTOTALCPU=800\nTOTALMEMORY=16017000\nHOSTNAME={hostname}\nVERSION=\"7.0.0\"\nDS = [ ID = 0,\n USED_MB = 1 ]\n")), 1001.0);
-            feed(&t, &enc(MsgType::BeaconHost, Status::Success, host, base, "1724150010"), 1002.0);
-            feed(&t, wire::tests::EX_STATE_VM.replace(" 3 ", &format!(" {host} ")).as_bytes(), 1003.0);
-            feed(&t, wire::tests::EX_MONITOR_VM.replace(" 3 ", &format!(" {host} ")).as_bytes(), 1004.0);
+            feed(
+                &t,
+                &enc(
+                    MsgType::MonitorHost,
+                    Status::Success,
+                    host,
+                    base,
+                    &format!(
+                        "HYPERVISOR=kvm\nUSEDMEMORY=3012345\nFREEMEMORY=13004567\nFREECPU={}\nUSEDCPU=20\nNETRX=123456789\nNETTX=98765432\nHUGEPAGE = [ NODE_ID = \"0\", SIZE = \"2048\", FREE = \"0\" ]\n",
+                        700 + host
+                    ),
+                ),
+                1000.0,
+            );
+            feed(
+                &t,
+                &enc(
+                    MsgType::SystemHost,
+                    Status::Success,
+                    host,
+                    base,
+                    &format!(
+                        "HYPERVISOR=kvm\nTOTALCPU=800\nTOTALMEMORY=16017000\nHOSTNAME={hostname}\nVERSION=\"7.0.0\"\nDS = [ ID = 0,\n USED_MB = 1 ]\n"
+                    ),
+                ),
+                1001.0,
+            );
+            feed(
+                &t,
+                &enc(
+                    MsgType::BeaconHost,
+                    Status::Success,
+                    host,
+                    base,
+                    "1724150010",
+                ),
+                1002.0,
+            );
+            feed(
+                &t,
+                wire::tests::EX_STATE_VM
+                    .replace(" 3 ", &format!(" {host} "))
+                    .as_bytes(),
+                1003.0,
+            );
+            feed(
+                &t,
+                wire::tests::EX_MONITOR_VM
+                    .replace(" 3 ", &format!(" {host} "))
+                    .as_bytes(),
+                1004.0,
+            );
         }
-        feed(&t, &enc(MsgType::MonitorHost, Status::Failure, 4, 0, "Error executing linux_usage.rb\n"), 1005.0);
+        feed(
+            &t,
+            &enc(
+                MsgType::MonitorHost,
+                Status::Failure,
+                4,
+                0,
+                "Error executing linux_usage.rb\n",
+            ),
+            1005.0,
+        );
         let j = t.to_json();
         assert_eq!(j["count"], 2);
         let h3 = &j["hosts"][0];
@@ -462,12 +582,43 @@ mod tests {
     #[test]
     fn out_of_order_and_epoch_zero() {
         let t = HostTable::new(10);
-        assert_eq!(feed(&t, &enc(MsgType::BeaconHost, Status::Success, 1, 100, "1"), 1.0), Recorded::Updated);
-        assert_eq!(feed(&t, &enc(MsgType::BeaconHost, Status::Success, 1, 99, "1"), 2.0), Recorded::OutOfOrder);
-        assert_eq!(feed(&t, &enc(MsgType::BeaconHost, Status::Success, 1, 0, "1"), 3.0), Recorded::Updated);
-        assert_eq!(feed(&t, &enc(MsgType::BeaconHost, Status::Success, 1, 100, "1"), 4.0), Recorded::Updated);
+        assert_eq!(
+            feed(
+                &t,
+                &enc(MsgType::BeaconHost, Status::Success, 1, 100, "1"),
+                1.0
+            ),
+            Recorded::Updated
+        );
+        assert_eq!(
+            feed(
+                &t,
+                &enc(MsgType::BeaconHost, Status::Success, 1, 99, "1"),
+                2.0
+            ),
+            Recorded::OutOfOrder
+        );
+        assert_eq!(
+            feed(
+                &t,
+                &enc(MsgType::BeaconHost, Status::Success, 1, 0, "1"),
+                3.0
+            ),
+            Recorded::Updated
+        );
+        assert_eq!(
+            feed(
+                &t,
+                &enc(MsgType::BeaconHost, Status::Success, 1, 100, "1"),
+                4.0
+            ),
+            Recorded::Updated
+        );
         // Other types have their own reference.
-        assert_eq!(feed(&t, &enc(MsgType::MonitorVm, Status::Success, 1, 5, ""), 5.0), Recorded::Updated);
+        assert_eq!(
+            feed(&t, &enc(MsgType::MonitorVm, Status::Success, 1, 5, ""), 5.0),
+            Recorded::Updated
+        );
         assert_eq!(t.to_json()["hosts"][0]["out_of_order"], 1);
     }
 
@@ -475,21 +626,57 @@ mod tests {
     fn table_is_bounded() {
         let t = HostTable::new(2);
         for h in 0..5 {
-            let r = t.record_at(MsgType::BeaconHost, Status::Success, h, 1, Update::None, 1.0);
-            assert_eq!(r, if h < 2 { Recorded::Updated } else { Recorded::Untracked });
+            let r = t.record_at(
+                MsgType::BeaconHost,
+                Status::Success,
+                h,
+                1,
+                Update::None,
+                1.0,
+            );
+            assert_eq!(
+                r,
+                if h < 2 {
+                    Recorded::Updated
+                } else {
+                    Recorded::Untracked
+                }
+            );
         }
         assert_eq!(t.len(), 2);
         // Known hosts still update.
-        assert_eq!(t.record_at(MsgType::BeaconHost, Status::Success, 1, 2, Update::None, 2.0), Recorded::Updated);
+        assert_eq!(
+            t.record_at(
+                MsgType::BeaconHost,
+                Status::Success,
+                1,
+                2,
+                Update::None,
+                2.0
+            ),
+            Recorded::Updated
+        );
     }
 
     #[test]
     fn bad_payload_is_an_error_not_a_panic() {
         let mut d = plain_decoder();
-        let w = enc(MsgType::MonitorHost, Status::Success, 1, 1, "FREECPU=\"unterminated");
+        let w = enc(
+            MsgType::MonitorHost,
+            Status::Success,
+            1,
+            1,
+            "FREECPU=\"unterminated",
+        );
         let m = d.decode(&w).unwrap();
         assert!(Update::from_message(&m).is_err());
-        let w = enc(MsgType::MonitorVm, Status::Success, 1, 1, "VM=[ID=1,MONITOR=\"!!\"]");
+        let w = enc(
+            MsgType::MonitorVm,
+            Status::Success,
+            1,
+            1,
+            "VM=[ID=1,MONITOR=\"!!\"]",
+        );
         let m = d.decode(&w).unwrap();
         assert!(Update::from_message(&m).is_err());
     }
@@ -497,13 +684,30 @@ mod tests {
     #[test]
     fn collector_exports_bounded_gauges() {
         let t = Arc::new(HostTable::new(10));
-        feed(&t, &enc(MsgType::MonitorHost, Status::Success, 3, 1, "FREECPU=780\nUSEDCPU=20"), 1000.0);
+        feed(
+            &t,
+            &enc(
+                MsgType::MonitorHost,
+                Status::Success,
+                3,
+                1,
+                "FREECPU=780\nUSEDCPU=20",
+            ),
+            1000.0,
+        );
         let mut reg = prometheus_client::registry::Registry::with_prefix("tm_sidecar");
         reg.register_collector(Box::new(HostCollector(t.clone())));
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
-        assert!(out.lines().any(|l| l == "tm_sidecar_monitord_host_free_cpu{host_id=\"3\"} 780.0"), "{out}");
-        assert!(out.lines().any(|l| l == "tm_sidecar_monitord_hosts 1"), "{out}");
+        assert!(
+            out.lines()
+                .any(|l| l == "tm_sidecar_monitord_host_free_cpu{host_id=\"3\"} 780.0"),
+            "{out}"
+        );
+        assert!(
+            out.lines().any(|l| l == "tm_sidecar_monitord_hosts 1"),
+            "{out}"
+        );
         assert!(
             out.lines().any(|l| l == "tm_sidecar_monitord_host_last_seen_seconds{host_id=\"3\",type=\"MONITOR_HOST\"} 1000.0"),
             "{out}"

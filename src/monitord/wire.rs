@@ -57,7 +57,9 @@ impl MsgType {
 
     /// Exact, case-sensitive match as onemonitord does.
     pub fn from_bytes(b: &[u8]) -> Option<MsgType> {
-        MsgType::ALL.into_iter().find(|t| t.as_str().as_bytes() == b)
+        MsgType::ALL
+            .into_iter()
+            .find(|t| t.as_str().as_bytes() == b)
     }
 
     /// The transport OpenNebula's probe client uses for this type (`monitord-client.rb`).
@@ -74,7 +76,10 @@ impl std::str::FromStr for MsgType {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         MsgType::from_bytes(s.to_ascii_uppercase().as_bytes()).ok_or_else(|| {
             let names: Vec<_> = MsgType::ALL.iter().map(|t| t.as_str()).collect();
-            format!("unknown message type {s:?}; expected one of {}", names.join(", "))
+            format!(
+                "unknown message type {s:?}; expected one of {}",
+                names.join(", ")
+            )
         })
     }
 }
@@ -266,7 +271,9 @@ fn parse_int(tok: &[u8]) -> Option<i64> {
 /// Split a message into its header fields and base64 payload (no decoding).
 pub fn parse_header(msg: &[u8]) -> Result<Header<'_>, Reject> {
     let mut pos = 0;
-    let Some(ty) = token(msg, &mut pos) else { return Err(Reject::Empty) };
+    let Some(ty) = token(msg, &mut pos) else {
+        return Err(Reject::Empty);
+    };
     let status = token(msg, &mut pos);
     let host = token(msg, &mut pos);
     let epoch_start = pos;
@@ -280,7 +287,9 @@ pub fn parse_header(msg: &[u8]) -> Result<Header<'_>, Reject> {
         b"FAILURE" => Status::Failure,
         _ => return Err(Reject::BadStatus),
     };
-    let host_id = parse_int(host).and_then(|v| i32::try_from(v).ok()).ok_or(Reject::BadHostId)?;
+    let host_id = parse_int(host)
+        .and_then(|v| i32::try_from(v).ok())
+        .ok_or(Reject::BadHostId)?;
     let epoch = parse_int(epoch).ok_or(Reject::BadEpoch)?;
     debug_assert!(pos > epoch_start);
     // `>> ws` then `getline`: skip whitespace (newlines too), take the rest of that line.
@@ -293,8 +302,17 @@ pub fn parse_header(msg: &[u8]) -> Result<Header<'_>, Reject> {
         None => rest,
     };
     // EVP_DecodeBlock trims trailing whitespace (a `\r` before the newline, say).
-    let end = line.iter().rposition(|&b| !is_space(b)).map_or(0, |i| i + 1);
-    Ok(Header { ty, status, host_id, epoch, payload: &line[..end] })
+    let end = line
+        .iter()
+        .rposition(|&b| !is_space(b))
+        .map_or(0, |i| i + 1);
+    Ok(Header {
+        ty,
+        status,
+        host_id,
+        epoch,
+        payload: &line[..end],
+    })
 }
 
 /// Standard alphabet, padding required (EVP_DecodeBlock needs a multiple of 4), lenient about
@@ -355,8 +373,15 @@ impl Decoder {
         if self.b64.len() < need {
             self.b64.resize(need, 0);
         }
-        let n = B64.decode_slice(h.payload, &mut self.b64[..]).map_err(|_| Reject::NotBase64)?;
-        inflate(&mut self.z, &self.b64[..n], &mut self.inflated, self.opts.max_inflated)?;
+        let n = B64
+            .decode_slice(h.payload, &mut self.b64[..])
+            .map_err(|_| Reject::NotBase64)?;
+        inflate(
+            &mut self.z,
+            &self.b64[..n],
+            &mut self.inflated,
+            self.opts.max_inflated,
+        )?;
         let Some(key) = &self.opts.private_key else {
             msg.payload = &self.inflated;
             return Ok(msg);
@@ -388,7 +413,9 @@ fn inflate(z: &mut Decompress, input: &[u8], out: &mut Vec<u8>, max: usize) -> R
             out.reserve_exact(want - out.len());
         }
         let (in_before, out_before) = (z.total_in(), z.total_out());
-        let consumed = usize::try_from(in_before).unwrap_or(usize::MAX).min(input.len());
+        let consumed = usize::try_from(in_before)
+            .unwrap_or(usize::MAX)
+            .min(input.len());
         let status = z
             .decompress_vec(&input[consumed..], out, FlushDecompress::None)
             .map_err(|_| Reject::BadZlib)?;
@@ -411,7 +438,7 @@ fn rsa_decrypt(key: &RsaPrivateKey, data: &[u8], out: &mut Vec<u8>) -> bool {
     use rsa::traits::PublicKeyParts;
     let k = key.size();
     out.clear();
-    if data.is_empty() || k == 0 || data.len() % k != 0 {
+    if data.is_empty() || k == 0 || !data.len().is_multiple_of(k) {
         return false;
     }
     let mut rng = rsa::rand_core::OsRng;
@@ -434,7 +461,10 @@ pub fn rsa_encrypt(key: &RsaPublicKey, data: &[u8]) -> Result<Vec<u8>> {
     let mut rng = rsa::rand_core::OsRng;
     let mut out = Vec::with_capacity(data.len().div_ceil(k - 11) * k);
     for chunk in data.chunks(k - 11) {
-        out.extend(key.encrypt(&mut rng, Pkcs1v15Encrypt, chunk).context("RSA encryption failed")?);
+        out.extend(
+            key.encrypt(&mut rng, Pkcs1v15Encrypt, chunk)
+                .context("RSA encryption failed")?,
+        );
     }
     Ok(out)
 }
@@ -466,7 +496,12 @@ pub fn encode(
     key: Option<&RsaPublicKey>,
 ) -> Result<Vec<u8>> {
     let packed = pack(payload, key)?;
-    Ok(format!("{} {} {host_id} {epoch} {packed}", ty.as_str(), status.as_str()).into_bytes())
+    Ok(format!(
+        "{} {} {host_id} {epoch} {packed}",
+        ty.as_str(),
+        status.as_str()
+    )
+    .into_bytes())
 }
 
 /// Load the monitord private key: PEM, PKCS#1 (`RSA PRIVATE KEY`) or PKCS#8 (`PRIVATE KEY`).
@@ -502,13 +537,20 @@ pub fn load_public_key(path: &std::path::Path) -> Result<RsaPublicKey> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("--pubkey {}: cannot read", path.display()))?;
     if text.contains("-----BEGIN RSA PUBLIC KEY-----") {
-        RsaPublicKey::from_pkcs1_pem(&text)
-            .with_context(|| format!("--pubkey {}: not a valid PKCS#1 RSA public key", path.display()))
+        RsaPublicKey::from_pkcs1_pem(&text).with_context(|| {
+            format!(
+                "--pubkey {}: not a valid PKCS#1 RSA public key",
+                path.display()
+            )
+        })
     } else if text.contains("-----BEGIN PUBLIC KEY-----") {
         RsaPublicKey::from_public_key_pem(&text)
             .with_context(|| format!("--pubkey {}: not a valid RSA public key", path.display()))
     } else {
-        bail!("--pubkey {}: expected a PEM \"RSA PUBLIC KEY\"", path.display())
+        bail!(
+            "--pubkey {}: expected a PEM \"RSA PUBLIC KEY\"",
+            path.display()
+        )
     }
 }
 
@@ -543,19 +585,28 @@ pub(crate) mod tests {
     fn decodes_the_reference_examples() {
         let mut d = plain_decoder();
         let m = d.decode(EX_MONITOR_VM.as_bytes()).unwrap();
-        assert_eq!((m.ty, m.status, m.host_id, m.epoch), (MsgType::MonitorVm, Status::Success, 3, 1724150000));
+        assert_eq!(
+            (m.ty, m.status, m.host_id, m.epoch),
+            (MsgType::MonitorVm, Status::Success, 3, 1724150000)
+        );
         assert_eq!(
             std::str::from_utf8(m.payload).unwrap(),
             "VM = [ ID=\"12\", DEPLOY_ID=\"one-12\", MONITOR=\"Q1BVPSIxLjUiCk1FTU9SWT0iMTA0ODU3NiIKTkVUUlg9IjEyMzQiCk5FVFRYPSI1Njc4IgpESVNLUkRCWVRFUz0iMTAwIgpESVNLV1JCWVRFUz0iMjAwIgpESVNLUkRJT1BTPSIzIgpESVNLV1JJT1BTPSI0Igo=\"]"
         );
         let m = d.decode(EX_STATE_VM.as_bytes()).unwrap();
-        assert_eq!((m.ty, m.host_id, m.epoch), (MsgType::StateVm, 3, 1724150005));
+        assert_eq!(
+            (m.ty, m.host_id, m.epoch),
+            (MsgType::StateVm, 3, 1724150005)
+        );
         assert_eq!(
             std::str::from_utf8(m.payload).unwrap(),
             "SYNC_STATE=yes\nMISSING_STATE=POWEROFF\nVM = [ ID=\"12\", DEPLOY_ID=\"one-12\",  STATE=\"RUNNING\" ]"
         );
         let m = d.decode(EX_BEACON.as_bytes()).unwrap();
-        assert_eq!((m.ty, m.host_id, m.epoch), (MsgType::BeaconHost, 3, 1724150010));
+        assert_eq!(
+            (m.ty, m.host_id, m.epoch),
+            (MsgType::BeaconHost, 3, 1724150010)
+        );
         assert_eq!(m.payload, b"1724150010");
     }
 
@@ -567,7 +618,10 @@ pub(crate) mod tests {
                 let payload = format!("{}=\"x\"\nHOSTNAME=node-1\n", ty.as_str());
                 let wire = encode(ty, status, 42, 1724150000, payload.as_bytes(), None).unwrap();
                 let m = d.decode(&wire).unwrap();
-                assert_eq!((m.ty, m.status, m.host_id, m.epoch), (ty, status, 42, 1724150000));
+                assert_eq!(
+                    (m.ty, m.status, m.host_id, m.epoch),
+                    (ty, status, 42, 1724150000)
+                );
                 assert_eq!(m.payload, payload.as_bytes());
                 assert!(!m.encrypted);
             }
@@ -584,7 +638,9 @@ pub(crate) mod tests {
             max_inflated: 16 << 20,
         });
         // Longer than one n−11 chunk (245 bytes) so that several blocks are used.
-        let long: String = (0..40).map(|i| format!("KEY_{i}=\"value number {i}\"\n")).collect();
+        let long: String = (0..40)
+            .map(|i| format!("KEY_{i}=\"value number {i}\"\n"))
+            .collect();
         for ty in MsgType::ALL {
             let wire = encode(ty, Status::Success, 7, 1, long.as_bytes(), Some(&public)).unwrap();
             let m = d.decode(&wire).unwrap();
@@ -634,28 +690,70 @@ pub(crate) mod tests {
             (b" \n\t".to_vec(), Reject::Empty),
             (b"BEACON_HOST".to_vec(), Reject::MissingFields),
             (b"BEACON_HOST SUCCESS 3".to_vec(), Reject::MissingFields),
-            (format!("BOGUS SUCCESS 3 4 {good}").into_bytes(), Reject::UnknownType),
-            (format!("beacon_host SUCCESS 3 4 {good}").into_bytes(), Reject::UnknownType),
-            (format!("BEACON_HOST OK 3 4 {good}").into_bytes(), Reject::BadStatus),
-            (format!("BEACON_HOST SUCCESS x3 4 {good}").into_bytes(), Reject::BadHostId),
-            (format!("BEACON_HOST SUCCESS 3abc 4 {good}").into_bytes(), Reject::BadHostId),
-            (format!("BEACON_HOST SUCCESS 99999999999 4 {good}").into_bytes(), Reject::BadHostId),
-            (format!("BEACON_HOST SUCCESS 3 now {good}").into_bytes(), Reject::BadEpoch),
-            (format!("BEACON_HOST SUCCESS 3 - {good}").into_bytes(), Reject::BadEpoch),
-            (b"BEACON_HOST SUCCESS 3 4 not*base64".to_vec(), Reject::NotBase64),
+            (
+                format!("BOGUS SUCCESS 3 4 {good}").into_bytes(),
+                Reject::UnknownType,
+            ),
+            (
+                format!("beacon_host SUCCESS 3 4 {good}").into_bytes(),
+                Reject::UnknownType,
+            ),
+            (
+                format!("BEACON_HOST OK 3 4 {good}").into_bytes(),
+                Reject::BadStatus,
+            ),
+            (
+                format!("BEACON_HOST SUCCESS x3 4 {good}").into_bytes(),
+                Reject::BadHostId,
+            ),
+            (
+                format!("BEACON_HOST SUCCESS 3abc 4 {good}").into_bytes(),
+                Reject::BadHostId,
+            ),
+            (
+                format!("BEACON_HOST SUCCESS 99999999999 4 {good}").into_bytes(),
+                Reject::BadHostId,
+            ),
+            (
+                format!("BEACON_HOST SUCCESS 3 now {good}").into_bytes(),
+                Reject::BadEpoch,
+            ),
+            (
+                format!("BEACON_HOST SUCCESS 3 - {good}").into_bytes(),
+                Reject::BadEpoch,
+            ),
+            (
+                b"BEACON_HOST SUCCESS 3 4 not*base64".to_vec(),
+                Reject::NotBase64,
+            ),
             (b"BEACON_HOST SUCCESS 3 4 eNoz".to_vec(), Reject::BadZlib),
             (b"BEACON_HOST SUCCESS 3 4 eNo".to_vec(), Reject::NotBase64),
-            (format!("BEACON_HOST SUCCESS 3 4 {} {good}", good).into_bytes(), Reject::NotBase64),
-            (format!("BEACON_HOST SUCCESS 3 4 {}", b64(b"plain text")).into_bytes(), Reject::BadZlib),
+            (
+                format!("BEACON_HOST SUCCESS 3 4 {} {good}", good).into_bytes(),
+                Reject::NotBase64,
+            ),
+            (
+                format!("BEACON_HOST SUCCESS 3 4 {}", b64(b"plain text")).into_bytes(),
+                Reject::BadZlib,
+            ),
         ];
         let mut d = plain_decoder();
         for (input, want) in cases {
-            assert_eq!(d.decode(&input).map(|_| ()), Err(want), "{}", crate::escape::escape_bytes(&input, 200));
+            assert_eq!(
+                d.decode(&input).map(|_| ()),
+                Err(want),
+                "{}",
+                crate::escape::escape_bytes(&input, 200)
+            );
         }
         // Truncated zlib: a valid stream cut in the middle.
         let z = zlib(&vec![b'a'; 100_000]);
         let cut = b64(&z[..z.len() / 2]);
-        assert_eq!(d.decode(format!("BEACON_HOST SUCCESS 3 4 {cut}").as_bytes()).map(|_| ()), Err(Reject::BadZlib));
+        assert_eq!(
+            d.decode(format!("BEACON_HOST SUCCESS 3 4 {cut}").as_bytes())
+                .map(|_| ()),
+            Err(Reject::BadZlib)
+        );
     }
 
     #[test]
@@ -664,12 +762,31 @@ pub(crate) mod tests {
         assert!(bomb.len() < 64 << 10, "bomb is {} bytes", bomb.len());
         let wire = format!("MONITOR_HOST SUCCESS 1 2 {}", b64(&bomb));
         let mut d = plain_decoder();
-        assert_eq!(d.decode(wire.as_bytes()).map(|_| ()), Err(Reject::InflatedTooLarge));
+        assert_eq!(
+            d.decode(wire.as_bytes()).map(|_| ()),
+            Err(Reject::InflatedTooLarge)
+        );
         // Exactly at the cap is fine.
         d.opts.max_inflated = 1000;
-        let wire = encode(MsgType::MonitorHost, Status::Success, 1, 2, &[b'a'; 1000], None).unwrap();
+        let wire = encode(
+            MsgType::MonitorHost,
+            Status::Success,
+            1,
+            2,
+            &[b'a'; 1000],
+            None,
+        )
+        .unwrap();
         assert_eq!(d.decode(&wire).unwrap().payload.len(), 1000);
-        let wire = encode(MsgType::MonitorHost, Status::Success, 1, 2, &[b'a'; 1001], None).unwrap();
+        let wire = encode(
+            MsgType::MonitorHost,
+            Status::Success,
+            1,
+            2,
+            &[b'a'; 1001],
+            None,
+        )
+        .unwrap();
         assert_eq!(d.decode(&wire).map(|_| ()), Err(Reject::InflatedTooLarge));
         // And the decoder still works afterwards.
         assert!(d.decode(EX_BEACON.as_bytes()).is_ok());
@@ -684,9 +801,27 @@ pub(crate) mod tests {
         let p1 = dir.path().join("k1");
         let p8 = dir.path().join("k8");
         let pubp = dir.path().join("pub");
-        std::fs::write(&p1, key.to_pkcs1_pem(rsa::pkcs1::LineEnding::LF).unwrap().as_bytes()).unwrap();
-        std::fs::write(&p8, key.to_pkcs8_pem(rsa::pkcs8::LineEnding::LF).unwrap().as_bytes()).unwrap();
-        std::fs::write(&pubp, key.to_public_key().to_pkcs1_pem(rsa::pkcs1::LineEnding::LF).unwrap()).unwrap();
+        std::fs::write(
+            &p1,
+            key.to_pkcs1_pem(rsa::pkcs1::LineEnding::LF)
+                .unwrap()
+                .as_bytes(),
+        )
+        .unwrap();
+        std::fs::write(
+            &p8,
+            key.to_pkcs8_pem(rsa::pkcs8::LineEnding::LF)
+                .unwrap()
+                .as_bytes(),
+        )
+        .unwrap();
+        std::fs::write(
+            &pubp,
+            key.to_public_key()
+                .to_pkcs1_pem(rsa::pkcs1::LineEnding::LF)
+                .unwrap(),
+        )
+        .unwrap();
         assert_eq!(load_private_key(&p1).unwrap(), key);
         assert_eq!(load_private_key(&p8).unwrap(), key);
         assert_eq!(load_public_key(&pubp).unwrap(), key.to_public_key());
