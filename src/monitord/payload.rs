@@ -210,7 +210,9 @@ impl<'a> Parser<'a> {
     }
 
     fn template(&mut self) -> Result<Template<'a>, PayloadError> {
-        let mut t = Template::default();
+        let mut t = Template {
+            attrs: Vec::with_capacity(16),
+        };
         loop {
             self.skip(true);
             if self.peek().is_none() {
@@ -248,59 +250,42 @@ pub fn parse(payload: &[u8]) -> Result<Template<'_>, PayloadError> {
     parse_str(std::str::from_utf8(payload).map_err(|_| PayloadError::NotUtf8)?)
 }
 
-/// One VM of a MONITOR_VM message with its decoded MONITOR template.
-#[derive(Debug)]
-pub struct MonitoredVm {
-    pub id: String,
-    pub monitor: Template<'static>,
-}
-
-fn owned(t: Template<'_>) -> Template<'static> {
-    let own = |c: Cow<'_, str>| Cow::Owned(c.into_owned());
-    Template {
-        attrs: t
-            .attrs
-            .into_iter()
-            .map(|(k, v)| {
-                let v = match v {
-                    Value::Single(s) => Value::Single(own(s)),
-                    Value::Vector(items) => {
-                        Value::Vector(items.into_iter().map(|(a, b)| (own(a), own(b))).collect())
-                    }
-                };
-                (own(k), v)
-            })
-            .collect(),
-    }
-}
-
-/// Decode every `VM = [ ..., MONITOR = "<base64 template>" ]` of a MONITOR_VM payload.
-pub fn monitor_vms(t: &Template<'_>) -> Result<Vec<MonitoredVm>, PayloadError> {
-    let mut out = Vec::new();
+/// Visit every `VM = [ ..., MONITOR = "<base64 template>" ]` of a MONITOR_VM payload with its
+/// decoded MONITOR template (empty when the VM has none); returns the number of VMs.
+///
+/// One decode buffer is reused for all VMs and nothing is copied out of it.
+pub fn for_each_monitor_vm(
+    t: &Template<'_>,
+    mut visit: impl FnMut(&str, &Template<'_>),
+) -> Result<usize, PayloadError> {
+    let mut buf = Vec::new();
+    let mut clean = Vec::new();
+    let mut n = 0;
     for vm in t.vectors("VM") {
-        let id = vm.get("ID").unwrap_or("").to_string();
+        n += 1;
+        let id = vm.get("ID").unwrap_or("");
         let Some(b64) = vm.get("MONITOR") else {
-            out.push(MonitoredVm {
-                id,
-                monitor: Template::default(),
-            });
+            visit(id, &Template::default());
             continue;
         };
-        let clean: Vec<u8> = b64.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(&clean)
+        let mut input = b64.as_bytes();
+        if input.iter().any(u8::is_ascii_whitespace) {
+            clean.clear();
+            clean.extend(input.iter().filter(|b| !b.is_ascii_whitespace()));
+            input = &clean;
+        }
+        buf.clear();
+        base64::engine::general_purpose::STANDARD
+            .decode_vec(input, &mut buf)
             .map_err(|_| {
                 PayloadError::MonitorNotBase64(crate::escape::escape_bytes(id.as_bytes(), 64))
             })?;
-        let monitor = parse(&bytes).map_err(|e| {
+        let monitor = parse(&buf).map_err(|e| {
             PayloadError::Monitor(crate::escape::escape_bytes(id.as_bytes(), 64), Box::new(e))
         })?;
-        out.push(MonitoredVm {
-            id,
-            monitor: owned(monitor),
-        });
+        visit(id, &monitor);
     }
-    Ok(out)
+    Ok(n)
 }
 
 #[cfg(test)]
@@ -346,25 +331,38 @@ mod tests {
     fn monitor_vm_example_decodes_monitor() {
         let text = "VM = [ ID=\"12\", DEPLOY_ID=\"one-12\", MONITOR=\"Q1BVPSIxLjUiCk1FTU9SWT0iMTA0ODU3NiIKTkVUUlg9IjEyMzQiCk5FVFRYPSI1Njc4IgpESVNLUkRCWVRFUz0iMTAwIgpESVNLV1JCWVRFUz0iMjAwIgpESVNLUkRJT1BTPSIzIgpESVNLV1JJT1BTPSI0Igo=\"]";
         let t = parse_str(text).unwrap();
-        let vms = monitor_vms(&t).unwrap();
-        assert_eq!(vms.len(), 1);
-        assert_eq!(vms[0].id, "12");
-        assert_eq!(vms[0].monitor.single("CPU"), Some("1.5"));
-        assert_eq!(vms[0].monitor.single("DISKWRIOPS"), Some("4"));
+        let mut seen = vec![];
+        let n = for_each_monitor_vm(&t, |id, m| {
+            seen.push((
+                id.to_string(),
+                m.single("CPU").map(String::from),
+                m.single("DISKWRIOPS").map(String::from),
+            ));
+        })
+        .unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(
+            seen,
+            vec![(
+                "12".to_string(),
+                Some("1.5".to_string()),
+                Some("4".to_string())
+            )]
+        );
         // monitor_ds_vm variant without DEPLOY_ID and with a nested vector.
         let inner = base64::engine::general_purpose::STANDARD.encode("DISK_SIZE=[ID=0,SIZE=123]\n");
         let text = format!("VM = [ ID = 12, MONITOR = \"{inner}\"]");
         let t = parse_str(&text).unwrap();
-        let vms = monitor_vms(&t).unwrap();
-        assert_eq!(
-            vms[0]
-                .monitor
+        let mut size = None;
+        for_each_monitor_vm(&t, |_, m| {
+            size = m
                 .vectors("DISK_SIZE")
                 .next()
-                .unwrap()
-                .get("SIZE"),
-            Some("123")
-        );
+                .and_then(|v| v.get("SIZE"))
+                .map(String::from)
+        })
+        .unwrap();
+        assert_eq!(size.as_deref(), Some("123"));
     }
 
     #[test]
@@ -384,7 +382,7 @@ mod tests {
         assert_eq!(parse(b"\xff\xfe"), Err(PayloadError::NotUtf8));
         let t = parse_str("VM=[ID=1,MONITOR=\"%%%\"]").unwrap();
         assert!(matches!(
-            monitor_vms(&t),
+            for_each_monitor_vm(&t, |_, _| {}),
             Err(PayloadError::MonitorNotBase64(_))
         ));
         assert_eq!(parse_str("").unwrap().attrs.len(), 0);

@@ -156,8 +156,8 @@ impl Update {
             }
             MsgType::MonitorVm => {
                 let t = payload::parse(m.payload)?;
-                let vms = payload::monitor_vms(&t)?;
-                Ok(Update::VmsMonitored(vms.len() as u64))
+                let n = payload::for_each_monitor_vm(&t, |_, _| {})?;
+                Ok(Update::VmsMonitored(n as u64))
             }
             MsgType::ExecVm => {
                 payload::parse(m.payload)?;
