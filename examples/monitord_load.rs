@@ -81,21 +81,40 @@ fn message(host: i32, size: usize, rng: &mut Rng) -> Vec<u8> {
         );
         let mut candidate = payload.clone();
         candidate.push_str(&line);
-        let wire = wire::encode(MsgType::MonitorVm, Status::Success, host, 1_724_150_000, candidate.as_bytes(), None)
-            .expect("encode");
+        let wire = wire::encode(
+            MsgType::MonitorVm,
+            Status::Success,
+            host,
+            1_724_150_000,
+            candidate.as_bytes(),
+            None,
+        )
+        .expect("encode");
         payload = candidate;
         if wire.len() >= size {
             break;
         }
         vm += 1;
     }
-    wire::encode(MsgType::MonitorVm, Status::Success, host, 1_724_150_000, payload.as_bytes(), None).expect("encode")
+    wire::encode(
+        MsgType::MonitorVm,
+        Status::Success,
+        host,
+        1_724_150_000,
+        payload.as_bytes(),
+        None,
+    )
+    .expect("encode")
 }
 
 fn main() {
     let args = Args::parse();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let msgs: Arc<Vec<Vec<u8>>> = Arc::new((0..args.hosts.max(1)).map(|h| message(h, args.size, &mut rng)).collect());
+    let msgs: Arc<Vec<Vec<u8>>> = Arc::new(
+        (0..args.hosts.max(1))
+            .map(|h| message(h, args.size, &mut rng))
+            .collect(),
+    );
     let avg = msgs.iter().map(Vec::len).sum::<usize>() / msgs.len();
     eprintln!("{} distinct messages, {avg} bytes on average", msgs.len());
 
@@ -104,7 +123,8 @@ fn main() {
     let sink_thread = args.sink.map(|addr| {
         let sock = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("--sink {addr}: {e}"));
         let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&sock, 16 << 20);
-        sock.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
         let (received, stop) = (received.clone(), stop_sink.clone());
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 65536];
