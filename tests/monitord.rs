@@ -2,8 +2,6 @@
 //! UDP+TCP sink, refusal of bad input counted by reason, the TCP retry queue across an upstream
 //! outage, the host table and metrics on the admin endpoint, and `monitord-send`.
 
-// The shared harness trips clippy::manual_contains (tests/common/mod.rs:118); reported to the lead.
-#[allow(clippy::manual_contains)]
 mod common;
 
 use std::collections::BTreeMap;
@@ -27,90 +25,8 @@ const EX_BEACON: &str = "BEACON_HOST SUCCESS 3 1724150010 eNozNDcyMTQ1MDA0AAAK8A
 // Starting the sidecar
 
 /// Start `serve` with monitord on 127.0.0.1:0 and `extra` flags.
-///
-/// This mirrors `common::Sidecar::start_with` but tolerates a ready line without an SSH address
-/// (the SSH server is still a stub on this branch). Once `serve` binds SSH, replace the body
-/// with `Sidecar::start_with(extra)`.
 fn start(extra: &[&str]) -> Sidecar {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let keys = dir.path().join("keys");
-    let st = Command::new(common::BIN)
-        .args(["keygen", "--no-monitord", "--dir"])
-        .arg(&keys)
-        .stdout(Stdio::null())
-        .status()
-        .expect("keygen");
-    assert!(st.success());
-    let root = dir.path().join("datastores");
-    let home = dir.path().join("home");
-    std::fs::create_dir_all(&root).unwrap();
-    std::fs::create_dir_all(&home).unwrap();
-    let mut cmd = Command::new(common::BIN);
-    cmd.arg("serve")
-        .args(["--ssh-listen", "127.0.0.1:0"])
-        .arg("--host-key")
-        .arg(keys.join("ssh_host_ed25519_key"))
-        .arg("--authorized-keys")
-        .arg(keys.join("authorized_keys"))
-        .args(["--allow-user", &common::me()])
-        .arg("--home")
-        .arg(&home)
-        .arg("--transfer-root")
-        .arg(&root)
-        .args([
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--monitord-listen",
-            "127.0.0.1:0",
-        ])
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn tm-sidecar");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if std::env::var_os("TM_SIDECAR_TEST_LOGS").is_some() {
-                eprintln!("[sidecar] {line}");
-            }
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut seen = vec![];
-    let ready = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(l) if l.contains("tm-sidecar ready") => break l,
-            Ok(l) => seen.push(l),
-            Err(_) => {
-                let _ = child.kill();
-                panic!("tm-sidecar did not become ready:\n{}", seen.join("\n"));
-            }
-        }
-    };
-    let json: serde_json::Value = serde_json::from_str(&ready).expect("ready line is JSON");
-    let field = |name: &str| -> Option<SocketAddr> {
-        json.get(name)?.as_str()?.split(',').next()?.parse().ok()
-    };
-    Sidecar {
-        child,
-        dir,
-        ssh: field("ssh").unwrap_or_else(|| "0.0.0.0:0".parse().unwrap()),
-        monitord: field("monitord"),
-        admin: field("admin"),
-        logs: common::Logs::default(),
-        keys,
-        root,
-        home,
-    }
+    Sidecar::start_with(extra)
 }
 
 // ---------------------------------------------------------------------------------------------
