@@ -30,7 +30,13 @@ struct Inner {
 
 impl AdminState {
     pub fn new(registry: Registry, hosts: Arc<HostTable>) -> AdminState {
-        AdminState { inner: Arc::new(Inner { registry, hosts, ready: AtomicBool::new(false) }) }
+        AdminState {
+            inner: Arc::new(Inner {
+                registry,
+                hosts,
+                ready: AtomicBool::new(false),
+            }),
+        }
     }
 
     /// Ready once everything is bound and loaded; not ready again while draining.
@@ -56,7 +62,10 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
     match prometheus_client::encoding::text::encode(&mut body, &state.inner.registry) {
         Ok(()) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             body,
         ),
         Err(e) => (
@@ -94,7 +103,9 @@ pub async fn bind(addr: SocketAddr, state: AdminState) -> Result<SocketAddr> {
 /// `tm-sidecar healthcheck`: a minimal HTTP/1.0 GET so the image needs no curl.
 pub async fn healthcheck(url: &str) -> Result<ExitCode> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").context("--url must start with http://")?;
+    let rest = url
+        .strip_prefix("http://")
+        .context("--url must start with http://")?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -112,11 +123,17 @@ pub async fn healthcheck(url: &str) -> Result<ExitCode> {
         .await
         .context("timed out")??;
     let status_line = String::from_utf8_lossy(&response);
-    let ok = status_line.lines().next().is_some_and(|l| l.split_whitespace().nth(1) == Some("200"));
+    let ok = status_line
+        .lines()
+        .next()
+        .is_some_and(|l| l.split_whitespace().nth(1) == Some("200"));
     if ok {
         Ok(ExitCode::SUCCESS)
     } else {
-        eprintln!("{url}: {}", status_line.lines().next().unwrap_or("no answer"));
+        eprintln!(
+            "{url}: {}",
+            status_line.lines().next().unwrap_or("no answer")
+        );
         Ok(ExitCode::FAILURE)
     }
 }

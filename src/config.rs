@@ -40,17 +40,32 @@ pub struct Settings {
     pub config: Option<PathBuf>,
 
     /// Address to accept SSH connections on (repeatable) [default: 0.0.0.0:22].
-    #[arg(long, env = "TM_SIDECAR_SSH_LISTEN", value_name = "ADDR:PORT", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "TM_SIDECAR_SSH_LISTEN",
+        value_name = "ADDR:PORT",
+        value_delimiter = ','
+    )]
     pub ssh_listen: Vec<SocketAddr>,
 
     /// OpenSSH private host key (repeatable; ed25519, ECDSA or RSA)
     /// [default: /etc/tm-sidecar/ssh_host_ed25519_key].
-    #[arg(long, env = "TM_SIDECAR_HOST_KEY", value_name = "PATH", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "TM_SIDECAR_HOST_KEY",
+        value_name = "PATH",
+        value_delimiter = ','
+    )]
     pub host_key: Vec<PathBuf>,
 
     /// authorized_keys file in OpenSSH format (repeatable)
     /// [default: /etc/tm-sidecar/authorized_keys].
-    #[arg(long, env = "TM_SIDECAR_AUTHORIZED_KEYS", value_name = "PATH", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "TM_SIDECAR_AUTHORIZED_KEYS",
+        value_name = "PATH",
+        value_delimiter = ','
+    )]
     pub authorized_keys: Vec<PathBuf>,
 
     /// File of CA public keys trusted to sign user certificates (like sshd's TrustedUserCAKeys).
@@ -58,7 +73,12 @@ pub struct Settings {
     pub trusted_user_ca_keys: Option<PathBuf>,
 
     /// User name clients may log in as (repeatable) [default: oneadmin].
-    #[arg(long, env = "TM_SIDECAR_ALLOW_USER", value_name = "NAME", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "TM_SIDECAR_ALLOW_USER",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
     pub allow_user: Vec<String>,
 
     /// Shell that runs exec commands as `<shell> -c <command>` [default: /bin/bash].
@@ -70,12 +90,22 @@ pub struct Settings {
     pub home: Option<PathBuf>,
 
     /// Directory native scp/SFTP may touch (repeatable) [default: /var/lib/one/datastores].
-    #[arg(long, env = "TM_SIDECAR_TRANSFER_ROOT", value_name = "PATH", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "TM_SIDECAR_TRANSFER_ROOT",
+        value_name = "PATH",
+        value_delimiter = ','
+    )]
     pub transfer_root: Vec<PathBuf>,
 
     /// Address for the monitord relay, TCP and UDP (repeatable; `off` disables it)
     /// [default: 0.0.0.0:4124].
-    #[arg(long, env = "TM_SIDECAR_MONITORD_LISTEN", value_name = "ADDR:PORT|off", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "TM_SIDECAR_MONITORD_LISTEN",
+        value_name = "ADDR:PORT|off",
+        value_delimiter = ','
+    )]
     pub monitord_listen: Vec<String>,
 
     /// onemonitord address to forward valid messages to; none makes the relay a sink.
@@ -92,11 +122,19 @@ pub struct Settings {
     pub monitord_require_encryption: Option<bool>,
 
     /// Largest monitord TCP message in bytes [default: 4194304].
-    #[arg(long, env = "TM_SIDECAR_MONITORD_MAX_MESSAGE_BYTES", value_name = "BYTES")]
+    #[arg(
+        long,
+        env = "TM_SIDECAR_MONITORD_MAX_MESSAGE_BYTES",
+        value_name = "BYTES"
+    )]
     pub monitord_max_message_bytes: Option<usize>,
 
     /// Largest inflated monitord payload in bytes (zlib bomb guard) [default: 16777216].
-    #[arg(long, env = "TM_SIDECAR_MONITORD_MAX_INFLATED_BYTES", value_name = "BYTES")]
+    #[arg(
+        long,
+        env = "TM_SIDECAR_MONITORD_MAX_INFLATED_BYTES",
+        value_name = "BYTES"
+    )]
     pub monitord_max_inflated_bytes: Option<usize>,
 
     /// Seconds a monitord TCP client has to send its whole message [default: 10].
@@ -281,9 +319,19 @@ impl Config {
         let or_vec = |v: Vec<PathBuf>, dflt: PathBuf| if v.is_empty() { vec![dflt] } else { v };
 
         let (ssh_default, monitord_default, admin_default, key_dir) = if dev {
-            ("127.0.0.1:2222", "127.0.0.1:4124", "127.0.0.1:9124", cwd.join(DEV_KEY_DIR))
+            (
+                "127.0.0.1:2222",
+                "127.0.0.1:4124",
+                "127.0.0.1:9124",
+                cwd.join(DEV_KEY_DIR),
+            )
         } else {
-            ("0.0.0.0:22", "0.0.0.0:4124", "0.0.0.0:9124", PathBuf::from("/etc/tm-sidecar"))
+            (
+                "0.0.0.0:22",
+                "0.0.0.0:4124",
+                "0.0.0.0:9124",
+                PathBuf::from("/etc/tm-sidecar"),
+            )
         };
 
         let ssh_listen = if s.ssh_listen.is_empty() {
@@ -295,10 +343,18 @@ impl Config {
         let authorized_keys = or_vec(s.authorized_keys, key_dir.join("authorized_keys"));
         let transfer_roots = or_vec(
             s.transfer_root,
-            if dev { cwd.join(DEV_TRANSFER_ROOT) } else { PathBuf::from("/var/lib/one/datastores") },
+            if dev {
+                cwd.join(DEV_TRANSFER_ROOT)
+            } else {
+                PathBuf::from("/var/lib/one/datastores")
+            },
         );
         let home = s.home.unwrap_or_else(|| {
-            if dev { cwd.join("dev") } else { PathBuf::from("/var/lib/one") }
+            if dev {
+                cwd.join("dev")
+            } else {
+                PathBuf::from("/var/lib/one")
+            }
         });
         let allow_users = if !s.allow_user.is_empty() {
             s.allow_user
@@ -314,7 +370,11 @@ impl Config {
 
         let monitord_listen = if s.monitord_listen.is_empty() {
             vec![parse_addr("--monitord-listen", monitord_default)?]
-        } else if s.monitord_listen.iter().any(|v| v.eq_ignore_ascii_case("off")) {
+        } else if s
+            .monitord_listen
+            .iter()
+            .any(|v| v.eq_ignore_ascii_case("off"))
+        {
             if s.monitord_listen.len() > 1 {
                 bail!("--monitord-listen: `off` cannot be combined with addresses");
             }
@@ -361,7 +421,11 @@ impl Config {
 
         let log_format = s.log_format.unwrap_or_else(|| {
             use std::io::IsTerminal;
-            if dev || std::io::stderr().is_terminal() { LogFormat::Text } else { LogFormat::Json }
+            if dev || std::io::stderr().is_terminal() {
+                LogFormat::Text
+            } else {
+                LogFormat::Json
+            }
         });
         let max_sessions = s.max_sessions.unwrap_or(64);
         if max_sessions == 0 {
@@ -462,7 +526,10 @@ mod tests {
         flags.fill_from(file);
         assert_eq!(flags.shell.as_deref(), Some(Path::new("/bin/sh")));
         assert_eq!(flags.home.as_deref(), Some(Path::new("/h")));
-        assert_eq!(flags.ssh_listen, vec!["127.0.0.1:2200".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(
+            flags.ssh_listen,
+            vec!["127.0.0.1:2200".parse::<SocketAddr>().unwrap()]
+        );
     }
 
     #[test]
@@ -474,24 +541,39 @@ mod tests {
     #[test]
     fn container_defaults_match_the_contract() {
         let c = Config::resolve(Settings::default()).unwrap();
-        assert_eq!(c.ssh_listen, vec!["0.0.0.0:22".parse::<SocketAddr>().unwrap()]);
-        assert_eq!(c.monitord.listen, vec!["0.0.0.0:4124".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(
+            c.ssh_listen,
+            vec!["0.0.0.0:22".parse::<SocketAddr>().unwrap()]
+        );
+        assert_eq!(
+            c.monitord.listen,
+            vec!["0.0.0.0:4124".parse::<SocketAddr>().unwrap()]
+        );
         assert_eq!(c.admin_listen, Some("0.0.0.0:9124".parse().unwrap()));
         assert_eq!(c.allow_users, vec!["oneadmin"]);
         assert_eq!(c.shell, Path::new("/bin/bash"));
-        assert_eq!(c.transfer_roots, vec![PathBuf::from("/var/lib/one/datastores")]);
+        assert_eq!(
+            c.transfer_roots,
+            vec![PathBuf::from("/var/lib/one/datastores")]
+        );
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));
     }
 
     #[test]
     fn monitord_can_be_turned_off() {
-        let s = Settings { monitord_listen: vec!["off".into()], ..Default::default() };
+        let s = Settings {
+            monitord_listen: vec!["off".into()],
+            ..Default::default()
+        };
         assert!(Config::resolve(s).unwrap().monitord.listen.is_empty());
     }
 
     #[test]
     fn bad_address_names_the_flag() {
-        let s = Settings { monitord_listen: vec!["nowhere".into()], ..Default::default() };
+        let s = Settings {
+            monitord_listen: vec!["nowhere".into()],
+            ..Default::default()
+        };
         let err = format!("{:#}", Config::resolve(s).unwrap_err());
         assert!(err.contains("--monitord-listen"), "{err}");
     }

@@ -43,7 +43,10 @@ mod tests {
 
     #[test]
     fn control_characters_are_escaped() {
-        assert_eq!(escape("echo \u{1b}[31mred\nnext"), "echo \\u{1b}[31mred\\nnext");
+        assert_eq!(
+            escape("echo \u{1b}[31mred\nnext"),
+            "echo \\u{1b}[31mred\\nnext"
+        );
         assert_eq!(escape_bytes(b"a\xffb", 100), "a\\xffb");
         assert_eq!(escape_bytes(b"abcdef", 3), "abc...");
         assert_eq!(escape("ünïcödé ok"), "ünïcödé ok");

@@ -57,8 +57,13 @@ pub fn write_ed25519_pair(path: &Path, comment: &str) -> Result<String> {
     let mut key = PrivateKey::random(&mut russh::keys::key::safe_rng(), Algorithm::Ed25519)
         .context("cannot generate an ed25519 key")?;
     key.set_comment(comment);
-    let private = key.to_openssh(LineEnding::LF).context("cannot encode the private key")?;
-    let public = key.public_key().to_openssh().context("cannot encode the public key")?;
+    let private = key
+        .to_openssh(LineEnding::LF)
+        .context("cannot encode the private key")?;
+    let public = key
+        .public_key()
+        .to_openssh()
+        .context("cannot encode the public key")?;
     create_new(path, 0o600, private.as_bytes())?;
     create_new(&pub_path(path), 0o644, format!("{public}\n").as_bytes())?;
     Ok(public)
@@ -77,7 +82,9 @@ pub fn write_monitord_pair(private: &Path, public: &Path, bits: usize) -> Result
     let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, bits)
         .context("cannot generate an RSA key")?;
     let pem = key.to_pkcs1_pem(rsa::pkcs1::LineEnding::LF)?;
-    let pubpem = key.to_public_key().to_pkcs1_pem(rsa::pkcs1::LineEnding::LF)?;
+    let pubpem = key
+        .to_public_key()
+        .to_pkcs1_pem(rsa::pkcs1::LineEnding::LF)?;
     create_new(private, 0o600, pem.as_bytes())?;
     create_new(public, 0o644, pubpem.as_bytes())?;
     Ok(())
@@ -102,7 +109,11 @@ pub fn generate(dir: &Path, keep_existing: bool, with_monitord: bool) -> Result<
     let authorized_keys = dir.join(AUTHORIZED_KEYS);
     let mut created = vec![];
     let targets: Vec<PathBuf> = {
-        let mut t = vec![host_key.clone(), client_key.clone(), authorized_keys.clone()];
+        let mut t = vec![
+            host_key.clone(),
+            client_key.clone(),
+            authorized_keys.clone(),
+        ];
         if with_monitord {
             t.push(dir.join(MONITORD_KEY));
         }
@@ -111,7 +122,10 @@ pub fn generate(dir: &Path, keep_existing: bool, with_monitord: bool) -> Result<
     if !keep_existing {
         for t in &targets {
             if t.exists() {
-                bail!("{} already exists; keygen never overwrites keys", t.display());
+                bail!(
+                    "{} already exists; keygen never overwrites keys",
+                    t.display()
+                );
             }
         }
     }
@@ -133,7 +147,12 @@ pub fn generate(dir: &Path, keep_existing: bool, with_monitord: bool) -> Result<
         write_monitord_pair(&dir.join(MONITORD_KEY), &dir.join(MONITORD_PUBKEY), 2048)?;
         created.push(dir.join(MONITORD_KEY));
     }
-    Ok(KeySet { host_key, client_key, authorized_keys, created })
+    Ok(KeySet {
+        host_key,
+        client_key,
+        authorized_keys,
+        created,
+    })
 }
 
 /// SHA256 fingerprint as `ssh-keygen -lf` prints it.
@@ -149,13 +168,22 @@ mod tests {
     fn generated_keys_are_private_and_load() {
         let dir = tempfile::tempdir().unwrap();
         let set = generate(dir.path(), false, false).unwrap();
-        let mode = std::fs::metadata(&set.host_key).unwrap().permissions().mode() & 0o777;
+        let mode = std::fs::metadata(&set.host_key)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600);
         load_host_key(&set.host_key).unwrap();
         // a second run refuses to overwrite
         assert!(generate(dir.path(), false, false).is_err());
         // but --dev style keeps what exists
-        assert!(generate(dir.path(), true, false).unwrap().created.is_empty());
+        assert!(
+            generate(dir.path(), true, false)
+                .unwrap()
+                .created
+                .is_empty()
+        );
     }
 
     #[test]

@@ -12,7 +12,11 @@ pub fn init(format: LogFormat) {
         .with_writer(std::io::stderr)
         .with_target(true);
     let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
         LogFormat::Text => builder.try_init(),
     };
 }

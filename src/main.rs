@@ -56,7 +56,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tm-sidecar: cannot start the async runtime: {e}");
@@ -114,7 +117,10 @@ async fn check_config(settings: Settings) -> Result<ExitCode> {
     keys::load_host_keys(&config.host_keys)?;
     ssh::auth::AuthPolicy::load(&config)?;
     monitord::Monitord::check(&config.monitord)?;
-    println!("{}", toml::to_string_pretty(&config).context("cannot print the configuration")?);
+    println!(
+        "{}",
+        toml::to_string_pretty(&config).context("cannot print the configuration")?
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -161,7 +167,10 @@ async fn serve(settings: Settings) -> Result<ExitCode> {
     admin_state.set_ready(true);
 
     wait_for_signal().await?;
-    info!(grace_seconds = config.shutdown_grace.as_secs(), "shutting down: draining sessions");
+    info!(
+        grace_seconds = config.shutdown_grace.as_secs(),
+        "shutting down: draining sessions"
+    );
     admin_state.set_ready(false);
     shutdown.cancel();
     let drained = async {
@@ -176,7 +185,11 @@ async fn serve(settings: Settings) -> Result<ExitCode> {
 }
 
 fn join(addrs: &[std::net::SocketAddr]) -> String {
-    addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",")
+    addrs
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Wait for SIGTERM or SIGINT.
@@ -192,11 +205,17 @@ async fn wait_for_signal() -> Result<()> {
 }
 
 fn print_dev_help(config: &Config, ssh_addrs: &[std::net::SocketAddr]) {
-    let Some(addr) = ssh_addrs.first() else { return };
+    let Some(addr) = ssh_addrs.first() else {
+        return;
+    };
     let key_dir = std::env::current_dir()
         .map(|d| d.join(tm_sidecar::config::DEV_KEY_DIR))
         .unwrap_or_default();
-    let user = config.allow_users.last().cloned().unwrap_or_else(|| "oneadmin".into());
+    let user = config
+        .allow_users
+        .last()
+        .cloned()
+        .unwrap_or_else(|| "oneadmin".into());
     let key = key_dir.join(keys::CLIENT_KEY);
     let known = key_dir.join("known_hosts");
     let ssh = format!(
@@ -225,7 +244,9 @@ fn print_dev_help(config: &Config, ssh_addrs: &[std::net::SocketAddr]) {
 
 /// Quote a path for a POSIX shell only when it needs it.
 fn shell_quote(s: &str) -> String {
-    if s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+=:@".contains(c)) {
+    if s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/._-+=:@".contains(c))
+    {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))

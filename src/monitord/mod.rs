@@ -24,7 +24,10 @@ pub struct Monitord {
 impl Monitord {
     /// Bind every TCP and UDP listener (errors name the flag and address) and register metrics.
     pub async fn bind(cfg: &MonitordConfig, _registry: &mut Registry) -> Result<Monitord> {
-        Ok(Monitord { table: Arc::new(state::HostTable::new(cfg.max_hosts)), addrs: vec![] })
+        Ok(Monitord {
+            table: Arc::new(state::HostTable::new(cfg.max_hosts)),
+            addrs: vec![],
+        })
     }
 
     /// Validate what `bind` would load (the private key), without binding (`check-config`).

@@ -7,7 +7,9 @@ pub struct HostTable {
 
 impl HostTable {
     pub fn new(max_hosts: usize) -> HostTable {
-        HostTable { _max_hosts: max_hosts }
+        HostTable {
+            _max_hosts: max_hosts,
+        }
     }
 
     /// JSON view for `/api/v1/hosts`.

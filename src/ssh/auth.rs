@@ -94,7 +94,12 @@ impl AuthPolicy {
     }
 
     /// Decide a verified plain-key login.
-    pub fn authorize_key(&self, user: &str, key: &PublicKey, _peer: Option<IpAddr>) -> Option<Grant> {
+    pub fn authorize_key(
+        &self,
+        user: &str,
+        key: &PublicKey,
+        _peer: Option<IpAddr>,
+    ) -> Option<Grant> {
         if !self.offer_acceptable(user, key) {
             return None;
         }
