@@ -142,7 +142,8 @@ async fn serve(settings: Settings) -> Result<ExitCode> {
         &mut registry,
     )?;
     let ssh_server =
-        ssh::server::SshServer::bind(&config, host_keys, auth, transfer, &mut registry).await?;
+        ssh::server::SshServer::bind(&config, host_keys, auth.clone(), transfer, &mut registry)
+            .await?;
     let monitord = monitord::Monitord::bind(&config.monitord, &mut registry).await?;
     let admin_state = admin::AdminState::new(registry, monitord.host_table());
     let admin_addr = match config.admin_listen {
@@ -150,8 +151,10 @@ async fn serve(settings: Settings) -> Result<ExitCode> {
         None => None,
     };
 
+    let mut signals = StopSignals::install()?;
     let shutdown = CancellationToken::new();
     let ssh_addrs = ssh_server.local_addrs();
+    admin_state.set_ready(true);
     info!(
         ssh = %join(&ssh_addrs),
         monitord = %join(&monitord.local_addrs()),
@@ -164,9 +167,15 @@ async fn serve(settings: Settings) -> Result<ExitCode> {
     }
     let ssh_task = tokio::spawn(ssh_server.run(shutdown.clone(), config.shutdown_grace));
     let monitord_task = tokio::spawn(monitord.run(shutdown.clone()));
-    admin_state.set_ready(true);
+    let watched: Vec<_> = config
+        .authorized_keys
+        .iter()
+        .chain(&config.trusted_user_ca_keys)
+        .cloned()
+        .collect();
+    tokio::spawn(ssh::reload::watch(auth, watched, shutdown.clone()));
 
-    wait_for_signal().await?;
+    signals.next().await;
     info!(
         grace_seconds = config.shutdown_grace.as_secs(),
         "shutting down: draining sessions"
@@ -179,7 +188,7 @@ async fn serve(settings: Settings) -> Result<ExitCode> {
     };
     tokio::select! {
         _ = drained => info!("all sessions finished"),
-        _ = wait_for_signal() => warn!("second signal: exiting at once"),
+        _ = signals.next() => warn!("second signal: exiting at once"),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -192,16 +201,27 @@ fn join(addrs: &[std::net::SocketAddr]) -> String {
         .join(",")
 }
 
-/// Wait for SIGTERM or SIGINT.
-async fn wait_for_signal() -> Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, installed once so that a second signal is seen as a second one.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> Result<StopSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?,
+        })
     }
-    Ok(())
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
 
 fn print_dev_help(config: &Config, ssh_addrs: &[std::net::SocketAddr]) {

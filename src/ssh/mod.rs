@@ -11,6 +11,8 @@ pub mod agent;
 pub mod auth;
 pub mod authorized_keys;
 pub mod exec;
+pub mod metrics;
 pub mod pty;
+pub mod reload;
 pub mod server;
 pub mod session;

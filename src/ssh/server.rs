@@ -1,38 +1,310 @@
-//! SSH listeners and accept loop. STUB.
+//! SSH listeners, the accept loop, connection limits and the russh configuration.
+//!
+//! Each accepted TCP connection gets its own task that runs the russh session with a
+//! [`Connection`] handler, enforces the login grace time and, on shutdown, closes the
+//! connection once its last channel has finished (or when the grace period runs out).
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use prometheus_client::registry::Registry;
 use russh::keys::PrivateKey;
+use russh::{MethodKind, MethodSet, SshId};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::ssh::auth::AuthPolicy;
+use crate::ssh::metrics::SshMetrics;
+use crate::ssh::session::{ConnState, Connection};
 use crate::transfer::Transfer;
 
+/// Everything a connection needs, shared by all connections.
+pub struct Shared {
+    pub config: Config,
+    pub auth: AuthPolicy,
+    pub transfer: Arc<Transfer>,
+    pub metrics: SshMetrics,
+    /// Cancelled when the server starts draining: no new channels.
+    pub draining: CancellationToken,
+}
+
+/// Bound SSH listeners, ready to run.
 pub struct SshServer {
-    addrs: Vec<SocketAddr>,
+    listeners: Vec<TcpListener>,
+    russh: Arc<russh::server::Config>,
+    shared: Arc<Shared>,
+}
+
+/// Ciphers in server preference order. The client's order decides, so OpenSSH clients (which
+/// list chacha20-poly1305 first) still pick chacha20; AES-GCM is cheaper per byte and is chosen
+/// by clients that prefer it or when an operator restricts the list.
+const CIPHERS: &[russh::cipher::Name] = &[
+    russh::cipher::AES_128_GCM,
+    russh::cipher::AES_256_GCM,
+    russh::cipher::CHACHA20_POLY1305,
+    russh::cipher::AES_256_CTR,
+    russh::cipher::AES_192_CTR,
+    russh::cipher::AES_128_CTR,
+];
+
+/// Login grace time: unauthenticated connections are closed after this.
+pub const LOGIN_GRACE: Duration = Duration::from_secs(60);
+/// While draining: how long an idle connection may stay before it is closed.
+const DRAIN_IDLE_CLOSE: Duration = Duration::from_millis(500);
+/// Connections accepted at once, authenticated or not.
+pub const MAX_CONNECTIONS: usize = 2048;
+
+fn russh_config(config: &Config, host_keys: Vec<PrivateKey>) -> russh::server::Config {
+    let keepalive =
+        (!config.client_alive_interval.is_zero()).then_some(config.client_alive_interval);
+    russh::server::Config {
+        server_id: SshId::Standard(Cow::Borrowed(concat!(
+            "SSH-2.0-tm-sidecar_",
+            env!("CARGO_PKG_VERSION")
+        ))),
+        methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+        // Publickey rejections are not secret (PK_OK says as much), and OpenSSH clients try
+        // every agent key in turn: a delay per rejected key would slow every login.
+        auth_rejection_time: Duration::from_millis(0),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        keys: host_keys,
+        window_size: 8 << 20,
+        maximum_packet_size: 65535,
+        channel_buffer_size: 256,
+        event_buffer_size: 64,
+        preferred: russh::Preferred {
+            cipher: Cow::Borrowed(CIPHERS),
+            compression: Cow::Borrowed(&[russh::compression::NONE]),
+            ..Default::default()
+        },
+        max_auth_attempts: 6,
+        // Idle ControlPersist masters must survive; dead peers are found by keepalives.
+        inactivity_timeout: None,
+        keepalive_interval: keepalive,
+        keepalive_max: config.client_alive_count_max,
+        nodelay: true,
+        ..Default::default()
+    }
 }
 
 impl SshServer {
+    /// Bind every `--ssh-listen` address.
     pub async fn bind(
-        _config: &Config,
-        _host_keys: Vec<PrivateKey>,
-        _auth: AuthPolicy,
-        _transfer: Arc<Transfer>,
-        _registry: &mut Registry,
+        config: &Config,
+        host_keys: Vec<PrivateKey>,
+        auth: AuthPolicy,
+        transfer: Arc<Transfer>,
+        registry: &mut Registry,
     ) -> Result<SshServer> {
-        Ok(SshServer { addrs: vec![] })
+        let mut listeners = vec![];
+        for addr in &config.ssh_listen {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--ssh-listen {addr}: cannot bind"))?;
+            listeners.push(listener);
+        }
+        let shared = Arc::new(Shared {
+            config: config.clone(),
+            auth,
+            transfer,
+            metrics: SshMetrics::new(registry),
+            draining: CancellationToken::new(),
+        });
+        Ok(SshServer {
+            listeners,
+            russh: Arc::new(russh_config(config, host_keys)),
+            shared,
+        })
     }
 
+    /// The addresses actually bound (useful with port 0).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.addrs.clone()
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
     }
 
-    pub async fn run(self, shutdown: CancellationToken, _grace: Duration) {
-        shutdown.cancelled().await;
+    /// The shared state (auth policy for reloads, metrics).
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
     }
+
+    /// Accept until `shutdown`, then let open channels finish for up to `grace` before closing
+    /// every connection.
+    pub async fn run(self, shutdown: CancellationToken, grace: Duration) {
+        let tracker = TaskTracker::new();
+        let hard_stop = CancellationToken::new();
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let mut accept_tasks = vec![];
+        for listener in self.listeners {
+            let ctx = AcceptCtx {
+                shared: self.shared.clone(),
+                russh: self.russh.clone(),
+                tracker: tracker.clone(),
+                hard_stop: hard_stop.clone(),
+                slots: slots.clone(),
+            };
+            accept_tasks.push(tokio::spawn(accept_loop(listener, ctx, shutdown.clone())));
+        }
+        shutdown.cancelled().await;
+        self.shared.draining.cancel();
+        for task in accept_tasks {
+            let _ = task.await;
+        }
+        tracker.close();
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            warn!(
+                grace_seconds = grace.as_secs(),
+                "grace period over: closing remaining sessions"
+            );
+            hard_stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+        }
+    }
+}
+
+struct AcceptCtx {
+    shared: Arc<Shared>,
+    russh: Arc<russh::server::Config>,
+    tracker: TaskTracker,
+    hard_stop: CancellationToken,
+    slots: Arc<Semaphore>,
+}
+
+async fn accept_loop(listener: TcpListener, ctx: AcceptCtx, shutdown: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = ctx.slots.clone().try_acquire_owned() else {
+            ctx.shared.metrics.refused("max_connections");
+            debug!(%peer, "refused: too many connections");
+            continue;
+        };
+        let shared = ctx.shared.clone();
+        let russh = ctx.russh.clone();
+        let hard_stop = ctx.hard_stop.clone();
+        ctx.tracker.spawn(async move {
+            serve_connection(stream, peer, shared, russh, hard_stop).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    russh: Arc<russh::server::Config>,
+    hard_stop: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let local = stream.local_addr().ok();
+    let conn = Arc::new(ConnState::default());
+    let handler = Connection::new(shared.clone(), peer, local, conn.clone());
+    shared.metrics.connection_opened();
+    let started = std::time::Instant::now();
+
+    // The client's identification line must arrive within the grace time.
+    let session = tokio::time::timeout(
+        LOGIN_GRACE,
+        russh::server::run_stream(russh, stream, handler),
+    )
+    .await;
+    let session = match session {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "connection failed before key exchange");
+            shared.metrics.connection_closed("failed");
+            return;
+        }
+        Err(_) => {
+            shared.metrics.connection_closed("grace_exceeded");
+            return;
+        }
+    };
+    let handle = session.handle();
+    tokio::pin!(session);
+    let grace = tokio::time::sleep(LOGIN_GRACE.saturating_sub(started.elapsed()));
+    tokio::pin!(grace);
+    let mut draining = false;
+    // While draining, an idle connection is closed shortly after its last channel ended: a
+    // plain client closes it itself after reading its exit status, and a DISCONNECT sent
+    // before its channel CLOSE reply would turn a good exit into 255.
+    let idle_close = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(idle_close);
+    let mut idle_armed = false;
+    let outcome = loop {
+        tokio::select! {
+            result = &mut session => {
+                if let Err(e) = result {
+                    debug!(%peer, error = %e, "connection ended with error");
+                }
+                break if conn.authenticated() { "closed" } else { "unauthenticated" };
+            }
+            _ = &mut grace, if !conn.authenticated() => {
+                info!(%peer, "login grace time exceeded");
+                let _ = handle
+                    .disconnect(russh::Disconnect::ByApplication, "login grace time exceeded".into(), "".into())
+                    .await;
+                break "grace_exceeded";
+            }
+            _ = shared.draining.cancelled(), if !draining => {
+                draining = true;
+                if conn.open_channels() == 0 {
+                    idle_close.as_mut().reset(tokio::time::Instant::now() + DRAIN_IDLE_CLOSE);
+                    idle_armed = true;
+                }
+            }
+            _ = conn.idle.notified(), if draining => {
+                if conn.open_channels() == 0 {
+                    idle_close.as_mut().reset(tokio::time::Instant::now() + DRAIN_IDLE_CLOSE);
+                    idle_armed = true;
+                }
+            }
+            _ = &mut idle_close, if idle_armed => {
+                idle_armed = false;
+                if conn.open_channels() == 0 {
+                    let _ = handle
+                        .disconnect(russh::Disconnect::ByApplication, "server shutting down".into(), "".into())
+                        .await;
+                }
+            }
+            _ = hard_stop.cancelled() => {
+                let _ = handle
+                    .disconnect(russh::Disconnect::ByApplication, "server shutting down".into(), "".into())
+                    .await;
+                conn.kill_all.cancel();
+                let _ = tokio::time::timeout(Duration::from_secs(2), &mut session).await;
+                break "shutdown";
+            }
+        }
+    };
+    conn.kill_all.cancel();
+    shared.metrics.connection_closed(outcome);
+    info!(
+        event = "connection_closed",
+        %peer,
+        user = %conn.user().unwrap_or_default(),
+        outcome,
+        duration_seconds = started.elapsed().as_secs_f64(),
+    );
 }

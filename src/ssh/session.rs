@@ -1,1 +1,584 @@
-//! TODO
+//! The per-connection russh handler: authentication decisions, session channels and their
+//! requests. Every request gets a reply, and nothing slow runs here: programs are started as
+//! tasks ([`crate::ssh::exec::run`]) so the connection loop keeps serving other channels.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use russh::keys::Certificate;
+use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
+use russh::{Channel, ChannelId, MethodKind, MethodSet};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::escape::{escape, escape_bytes};
+use crate::ssh::auth::Grant;
+use crate::ssh::exec::{ChannelJob, Work};
+use crate::ssh::pty::{self, Pty, PtyRequest};
+use crate::ssh::server::Shared;
+use crate::transfer::scp;
+
+/// Env variables a client may set with `env` requests.
+fn env_allowed(name: &str) -> bool {
+    name == "LANG" || name.starts_with("LC_")
+}
+/// Caps on what a client can make one channel hold before it starts.
+const MAX_ENV_PER_CHANNEL: usize = 64;
+const MAX_ENV_BYTES: usize = 4096;
+/// Longest exec command accepted (OpenSSH's own limit is the 256 KiB packet).
+const MAX_COMMAND_BYTES: usize = 256 * 1024;
+/// Default PATH of sessions.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// State of one connection shared with its task in the server and its channels.
+#[derive(Default)]
+pub struct ConnState {
+    authenticated: AtomicBool,
+    user: Mutex<Option<String>>,
+    channels: AtomicUsize,
+    /// Notified when the last channel of the connection ends.
+    pub idle: Notify,
+    /// Cancelled when the connection ends: kills whatever its channels still run.
+    pub kill_all: CancellationToken,
+}
+
+impl ConnState {
+    pub fn authenticated(&self) -> bool {
+        self.authenticated.load(Ordering::SeqCst)
+    }
+
+    pub fn user(&self) -> Option<String> {
+        self.user.lock().ok().and_then(|u| u.clone())
+    }
+
+    pub fn open_channels(&self) -> usize {
+        self.channels.load(Ordering::SeqCst)
+    }
+}
+
+/// Counts an open session channel; dropping it ends the count and may wake a draining server.
+pub struct ChannelSlot {
+    conn: Arc<ConnState>,
+}
+
+impl ChannelSlot {
+    fn new(conn: Arc<ConnState>) -> ChannelSlot {
+        conn.channels.fetch_add(1, Ordering::SeqCst);
+        ChannelSlot { conn }
+    }
+}
+
+impl Drop for ChannelSlot {
+    fn drop(&mut self) {
+        if self.conn.channels.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.conn.idle.notify_waiters();
+        }
+    }
+}
+
+/// A session channel that has not started a program yet.
+struct Pending {
+    channel: Channel<Msg>,
+    slot: ChannelSlot,
+    env: Vec<(String, String)>,
+    env_bytes: usize,
+    pty: Option<(PtyRequest, Pty)>,
+    agent: bool,
+}
+
+/// The russh handler of one connection.
+pub struct Connection {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    conn: Arc<ConnState>,
+    grant: Option<Grant>,
+    user: String,
+    pending: HashMap<ChannelId, Pending>,
+    /// pty masters of started shells, for `window-change`.
+    terminals: HashMap<ChannelId, OwnedFd>,
+}
+
+impl Connection {
+    pub fn new(
+        shared: Arc<Shared>,
+        peer: SocketAddr,
+        local: Option<SocketAddr>,
+        conn: Arc<ConnState>,
+    ) -> Self {
+        Connection {
+            shared,
+            peer,
+            local,
+            conn,
+            grant: None,
+            user: String::new(),
+            pending: HashMap::new(),
+            terminals: HashMap::new(),
+        }
+    }
+
+    fn reject() -> Auth {
+        Auth::Reject {
+            proceed_with_methods: Some(MethodSet::from(&[MethodKind::PublicKey][..])),
+            partial_success: false,
+        }
+    }
+
+    fn accept(&mut self, user: &str, grant: Grant, method: &'static str) -> Auth {
+        info!(
+            event = "login",
+            peer = %self.peer,
+            user = %escape(user),
+            method,
+            fingerprint = %grant.fingerprint,
+            cert_key_id = grant.certificate.as_ref().map(|c| escape(&c.key_id)),
+            ca_fingerprint = grant.certificate.as_ref().map(|c| c.ca_fingerprint.clone()),
+            forced_command = grant.forced_command.is_some(),
+        );
+        self.shared.metrics.auth_attempt(method, "accepted");
+        self.user = user.to_string();
+        if let Ok(mut u) = self.conn.user.lock() {
+            *u = Some(user.to_string());
+        }
+        self.grant = Some(grant);
+        Auth::Accept
+    }
+
+    fn refuse(&self, user: &str, method: &'static str, why: &str) -> Auth {
+        info!(event = "auth_failed", peer = %self.peer, user = %escape(user), method, reason = %escape(why));
+        self.shared.metrics.auth_attempt(method, "rejected");
+        Self::reject()
+    }
+
+    /// The environment of a program started on this connection.
+    fn base_env(
+        &self,
+        pending: &Pending,
+        original_command: Option<&[u8]>,
+    ) -> Vec<(OsString, OsString)> {
+        use std::os::unix::ffi::OsStringExt;
+        let config = &self.shared.config;
+        let mut env: Vec<(OsString, OsString)> = vec![];
+        let mut set = |k: &str, v: OsString| env.push((k.into(), v));
+        set("HOME", config.home.clone().into_os_string());
+        set("USER", self.user.clone().into());
+        set("LOGNAME", self.user.clone().into());
+        set("SHELL", config.shell.clone().into_os_string());
+        set("PATH", DEFAULT_PATH.into());
+        let (lip, lport) = self
+            .local
+            .map(|a| (a.ip().to_string(), a.port()))
+            .unwrap_or_default();
+        set(
+            "SSH_CLIENT",
+            format!("{} {} {}", self.peer.ip(), self.peer.port(), lport).into(),
+        );
+        set(
+            "SSH_CONNECTION",
+            format!("{} {} {} {}", self.peer.ip(), self.peer.port(), lip, lport).into(),
+        );
+        if let Some(cmd) = original_command {
+            set("SSH_ORIGINAL_COMMAND", OsString::from_vec(cmd.to_vec()));
+        }
+        if let Some((req, _)) = &pending.pty {
+            set("TERM", req.term.clone().into());
+        }
+        for (k, v) in &pending.env {
+            env.push((k.into(), v.into()));
+        }
+        if config.permit_user_environment
+            && let Some(grant) = &self.grant
+        {
+            for (k, v) in &grant.environment {
+                env.push((k.into(), v.into()));
+            }
+        }
+        env
+    }
+
+    /// Start `what` on a pending channel: reply success and hand the channel to a task.
+    fn start(
+        &mut self,
+        id: ChannelId,
+        what: Request,
+        session: &mut Session,
+    ) -> Result<(), anyhow::Error> {
+        let Some(mut pending) = self.pending.remove(&id) else {
+            session.channel_failure(id)?;
+            return Ok(());
+        };
+        if self.shared.draining.is_cancelled() {
+            session.channel_failure(id)?;
+            return Ok(());
+        }
+        let forced = self.grant.as_ref().and_then(|g| g.forced_command.clone());
+        let (audit_command, original) = match &what {
+            Request::Exec(cmd) => (cmd.clone(), Some(cmd.clone())),
+            Request::Shell => (Vec::new(), None),
+            Request::Subsystem(name) => (
+                format!("subsystem {name}").into_bytes(),
+                Some(name.clone().into_bytes()),
+            ),
+        };
+        let work = match (forced, what) {
+            (Some(forced), _) => {
+                let env = self.base_env(&pending, original.as_deref());
+                Work::Process {
+                    command: Some(forced.into_bytes()),
+                    env,
+                    pty: pending.pty.take().map(|p| p.1),
+                }
+            }
+            (None, Request::Exec(cmd)) => match scp::parse(&cmd) {
+                Some(scp_cmd) if pending.pty.is_none() => Work::Scp(scp_cmd),
+                _ => {
+                    let env = self.base_env(&pending, None);
+                    Work::Process {
+                        command: Some(cmd),
+                        env,
+                        pty: pending.pty.take().map(|p| p.1),
+                    }
+                }
+            },
+            (None, Request::Shell) => {
+                let env = self.base_env(&pending, None);
+                Work::Process {
+                    command: None,
+                    env,
+                    pty: pending.pty.take().map(|p| p.1),
+                }
+            }
+            (None, Request::Subsystem(name)) => {
+                if name == "sftp" {
+                    Work::Sftp
+                } else {
+                    info!(peer = %self.peer, subsystem = %escape(&name), "unknown subsystem refused");
+                    session.channel_failure(id)?;
+                    self.pending.insert(id, pending);
+                    return Ok(());
+                }
+            }
+        };
+        // An agent socket only matters for programs, and only when the key allows it.
+        let agent = if pending.agent && matches!(work, Work::Process { .. }) {
+            match crate::ssh::agent::start(session.handle()) {
+                Ok(sock) => Some(sock),
+                Err(e) => {
+                    warn!(error = %e, "cannot create the agent socket");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let mut work = work;
+        if let (Some(sock), Work::Process { env, .. }) = (&agent, &mut work) {
+            env.push(("SSH_AUTH_SOCK".into(), sock.path.clone().into_os_string()));
+        }
+        if let Work::Process { pty: Some(p), .. } = &work
+            && let Ok(master) = p.master.try_clone()
+        {
+            self.terminals.insert(id, master);
+        }
+        session.channel_success(id)?;
+        let job = ChannelJob {
+            channel: pending.channel,
+            handle: session.handle(),
+            shared: self.shared.clone(),
+            work,
+            audit_command,
+            user: self.user.clone(),
+            peer: self.peer,
+            agent,
+            slot: pending.slot,
+            kill_all: self.conn.kill_all.clone(),
+        };
+        tokio::spawn(crate::ssh::exec::run(job));
+        Ok(())
+    }
+}
+
+enum Request {
+    Exec(Vec<u8>),
+    Shell,
+    Subsystem(String),
+}
+
+impl russh::server::Handler for Connection {
+    type Error = anyhow::Error;
+
+    async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
+        Ok(Self::reject())
+    }
+
+    async fn auth_password(&mut self, user: &str, _password: &str) -> Result<Auth, Self::Error> {
+        Ok(self.refuse(user, "password", "password authentication is not offered"))
+    }
+
+    async fn auth_publickey_offered(
+        &mut self,
+        user: &str,
+        offer: PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        if self.shared.auth.offer_acceptable(user, offer.public_key) {
+            Ok(Auth::Accept)
+        } else {
+            debug!(peer = %self.peer, user = %escape(user), "key probe refused");
+            Ok(Self::reject())
+        }
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        if !self.shared.auth.user_allowed(user) {
+            return Ok(self.refuse(user, "publickey", "user not allowed"));
+        }
+        match self
+            .shared
+            .auth
+            .authorize_key(user, key.public_key, Some(self.peer.ip()))
+        {
+            Some(grant) => Ok(self.accept(user, grant, "publickey")),
+            None => Ok(self.refuse(user, "publickey", "key not authorized")),
+        }
+    }
+
+    async fn auth_openssh_certificate(
+        &mut self,
+        user: &str,
+        cert: &Certificate,
+    ) -> Result<Auth, Self::Error> {
+        if !self.shared.auth.user_allowed(user) {
+            return Ok(self.refuse(user, "certificate", "user not allowed"));
+        }
+        match self
+            .shared
+            .auth
+            .authorize_certificate(user, cert, Some(self.peer.ip()))
+        {
+            Ok(grant) => Ok(self.accept(user, grant, "certificate")),
+            Err(why) => Ok(self.refuse(user, "certificate", &why)),
+        }
+    }
+
+    async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
+        self.conn.authenticated.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let max = self.shared.config.max_sessions;
+        if self.shared.draining.is_cancelled() {
+            debug!(peer = %self.peer, "session refused: shutting down");
+            return Ok(()); // dropping `reply` refuses the channel
+        }
+        if self.conn.open_channels() >= max {
+            info!(peer = %self.peer, max_sessions = max, "session refused: too many sessions");
+            self.shared.metrics.refused("max_sessions");
+            return Ok(());
+        }
+        let slot = ChannelSlot::new(self.conn.clone());
+        self.pending.insert(
+            channel.id(),
+            Pending {
+                channel,
+                slot,
+                env: vec![],
+                env_bytes: 0,
+                pty: None,
+                agent: false,
+            },
+        );
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn env_request(
+        &mut self,
+        id: ChannelId,
+        name: &str,
+        value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let ok = match self.pending.get_mut(&id) {
+            Some(p)
+                if env_allowed(name)
+                    && p.env.len() < MAX_ENV_PER_CHANNEL
+                    && p.env_bytes + name.len() + value.len() <= MAX_ENV_BYTES
+                    && !value.contains('\0') =>
+            {
+                p.env_bytes += name.len() + value.len();
+                p.env.push((name.to_string(), value.to_string()));
+                true
+            }
+            _ => {
+                debug!(peer = %self.peer, name = %escape(name), "env request ignored");
+                false
+            }
+        };
+        if ok {
+            session.channel_success(id)?
+        } else {
+            session.channel_failure(id)?
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn pty_request(
+        &mut self,
+        id: ChannelId,
+        term: &str,
+        cols: u32,
+        rows: u32,
+        pix_width: u32,
+        pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let allowed = self.grant.as_ref().is_some_and(|g| g.permit_pty);
+        let Some(pending) = self.pending.get_mut(&id).filter(|p| p.pty.is_none()) else {
+            session.channel_failure(id)?;
+            return Ok(());
+        };
+        if !allowed {
+            session.channel_failure(id)?;
+            return Ok(());
+        }
+        let term: String = term
+            .chars()
+            .filter(|c| c.is_ascii_graphic())
+            .take(64)
+            .collect();
+        let req = PtyRequest {
+            term,
+            cols,
+            rows,
+            pix_width,
+            pix_height,
+        };
+        match pty::open(&req) {
+            Ok(p) => {
+                pending.pty = Some((req, p));
+                session.channel_success(id)?;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot allocate a pty");
+                session.channel_failure(id)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn window_change_request(
+        &mut self,
+        id: ChannelId,
+        cols: u32,
+        rows: u32,
+        pix_width: u32,
+        pix_height: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let ok = if let Some(fd) = self.terminals.get(&id) {
+            pty::resize(fd, cols, rows, pix_width, pix_height).is_ok()
+        } else if let Some((req, p)) = self.pending.get_mut(&id).and_then(|p| p.pty.as_mut()) {
+            (req.cols, req.rows) = (cols, rows);
+            pty::resize(&p.master, cols, rows, pix_width, pix_height).is_ok()
+        } else {
+            false
+        };
+        if ok {
+            session.channel_success(id)?
+        } else {
+            session.channel_failure(id)?
+        }
+        Ok(())
+    }
+
+    async fn agent_request(
+        &mut self,
+        id: ChannelId,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let allowed = self
+            .grant
+            .as_ref()
+            .is_some_and(|g| g.permit_agent_forwarding);
+        match self.pending.get_mut(&id) {
+            Some(p) if allowed => {
+                p.agent = true;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn exec_request(
+        &mut self,
+        id: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if data.len() > MAX_COMMAND_BYTES {
+            info!(peer = %self.peer, bytes = data.len(), "exec refused: command too long");
+            session.channel_failure(id)?;
+            return Ok(());
+        }
+        debug!(peer = %self.peer, command = %escape_bytes(data, 256), "exec");
+        self.start(id, Request::Exec(data.to_vec()), session)
+    }
+
+    async fn shell_request(
+        &mut self,
+        id: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.start(id, Request::Shell, session)
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        id: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.start(id, Request::Subsystem(name.to_string()), session)
+    }
+
+    async fn x11_request(
+        &mut self,
+        id: ChannelId,
+        _single_connection: bool,
+        _x11_auth_protocol: &str,
+        _x11_auth_cookie: &str,
+        _x11_screen_number: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_failure(id)?;
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        id: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.pending.remove(&id);
+        self.terminals.remove(&id);
+        Ok(())
+    }
+}

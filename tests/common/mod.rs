@@ -101,7 +101,13 @@ impl Sidecar {
         Self::spawn(dir, keys, root, home, extra)
     }
 
-    fn spawn(dir: tempfile::TempDir, keys: PathBuf, root: PathBuf, home: PathBuf, extra: &[&str]) -> Sidecar {
+    fn spawn(
+        dir: tempfile::TempDir,
+        keys: PathBuf,
+        root: PathBuf,
+        home: PathBuf,
+        extra: &[&str],
+    ) -> Sidecar {
         let mut cmd = Command::new(BIN);
         cmd.arg("serve")
             .args(["--ssh-listen", "127.0.0.1:0"])
@@ -115,7 +121,7 @@ impl Sidecar {
             .arg("--transfer-root")
             .arg(&root)
             .args(["--admin-listen", "127.0.0.1:0", "--log-format", "json"]);
-        if !extra.iter().any(|a| *a == "--monitord-listen") {
+        if !extra.contains(&"--monitord-listen") {
             cmd.args(["--monitord-listen", "127.0.0.1:0"]);
         }
         cmd.args(extra)
@@ -137,12 +143,17 @@ impl Sidecar {
             }
             sink.push("<<eof>>".into());
         });
-        let ready = logs.wait_for(READY_TIMEOUT, |l| l.contains("tm-sidecar ready") || l == "<<eof>>");
+        let ready = logs.wait_for(READY_TIMEOUT, |l| {
+            l.contains("tm-sidecar ready") || l == "<<eof>>"
+        });
         let ready = match ready {
             Some(l) if l != "<<eof>>" => l,
             _ => {
                 let _ = child.kill();
-                panic!("tm-sidecar did not become ready:\n{}", logs.lines().join("\n"));
+                panic!(
+                    "tm-sidecar did not become ready:\n{}",
+                    logs.lines().join("\n")
+                );
             }
         };
         let json: serde_json::Value = serde_json::from_str(&ready).expect("ready line is JSON");
@@ -182,14 +193,16 @@ impl Sidecar {
     /// `scp -P PORT ...` with the same options; remote paths are `host:path` → use [`Self::remote`].
     pub fn scp(&self) -> Command {
         let mut c = Command::new("scp");
-        c.args(self.ssh_opts()).args(["-P", &self.ssh.port().to_string()]);
+        c.args(self.ssh_opts())
+            .args(["-P", &self.ssh.port().to_string()]);
         c
     }
 
     /// `sftp -P PORT ... user@127.0.0.1`.
     pub fn sftp(&self) -> Command {
         let mut c = Command::new("sftp");
-        c.args(self.ssh_opts()).args(["-P", &self.ssh.port().to_string()]);
+        c.args(self.ssh_opts())
+            .args(["-P", &self.ssh.port().to_string()]);
         c
     }
 
@@ -216,14 +229,22 @@ impl Drop for Sidecar {
 /// OpenSSH client options used by every test: key only, no agent, no config, no host key prompts.
 pub fn ssh_client_opts(key: &Path) -> Vec<String> {
     [
-        "-F", "/dev/null",
-        "-o", "BatchMode=yes",
-        "-o", "StrictHostKeyChecking=no",
-        "-o", "UserKnownHostsFile=/dev/null",
-        "-o", "IdentitiesOnly=yes",
-        "-o", "IdentityAgent=none",
-        "-o", "LogLevel=ERROR",
-        "-o", "ConnectTimeout=20",
+        "-F",
+        "/dev/null",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "IdentityAgent=none",
+        "-o",
+        "LogLevel=ERROR",
+        "-o",
+        "ConnectTimeout=20",
         "-i",
     ]
     .iter()
@@ -260,7 +281,8 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> std::process::Output {
     let err = child.stderr.take().expect("stderr");
     let t_out = std::thread::spawn(move || read_all(out));
     let t_err = std::thread::spawn(move || read_all(err));
-    let status = wait_timeout(&mut child, timeout).unwrap_or_else(|| panic!("command timed out: {cmd:?}"));
+    let status =
+        wait_timeout(&mut child, timeout).unwrap_or_else(|| panic!("command timed out: {cmd:?}"));
     std::process::Output {
         status,
         stdout: t_out.join().unwrap_or_default(),
@@ -272,4 +294,92 @@ fn read_all(mut r: impl std::io::Read) -> Vec<u8> {
     let mut v = vec![];
     let _ = r.read_to_end(&mut v);
     v
+}
+
+/// A stock OpenSSH `sshd` (Debian's openssh-server) on an ephemeral loopback port: the
+/// "hypervisor" in two-host tests and the reference in comparisons.
+pub struct StockSshd {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+/// Pick a free loopback port (bind :0 and release it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl StockSshd {
+    /// Start sshd accepting exactly the keys in `authorized_keys`.
+    pub fn start(authorized_keys: &str) -> StockSshd {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let status = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(d.join("host_key"))
+            .status()
+            .expect("ssh-keygen");
+        assert!(status.success());
+        std::fs::write(d.join("authorized_keys"), authorized_keys).unwrap();
+        let _ = std::fs::create_dir_all("/run/sshd");
+        let port = free_port();
+        let config = format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n\
+             AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nPasswordAuthentication no\n\
+             KbdInteractiveAuthentication no\nUsePAM no\nPermitRootLogin prohibit-password\n\
+             AllowAgentForwarding yes\nSubsystem sftp internal-sftp\nLogLevel ERROR\n\
+             PrintMotd no\nPrintLastLog no\nMaxSessions 64\nMaxStartups 100:30:200\n",
+            d = d.display()
+        );
+        std::fs::write(d.join("sshd_config"), config).unwrap();
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(d.join("sshd_config"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start /usr/sbin/sshd (install openssh-server)");
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "sshd did not start listening");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        StockSshd { child, dir, port }
+    }
+
+    /// `ssh -p PORT <opts> user@127.0.0.1 args`, with the given client key.
+    pub fn ssh(&self, key: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new("ssh");
+        c.args(ssh_client_opts(key))
+            .args(["-p", &self.port.to_string()])
+            .arg(format!("{}@127.0.0.1", me()))
+            .args(args);
+        c
+    }
+}
+
+impl Drop for StockSshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Make an ed25519 key pair with ssh-keygen; returns (private key path, public line).
+pub fn make_key(dir: &Path, name: &str) -> (PathBuf, String) {
+    let path = dir.join(name);
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&path)
+        .status()
+        .expect("ssh-keygen");
+    assert!(status.success());
+    let public = std::fs::read_to_string(path.with_extension("pub"))
+        .or_else(|_| std::fs::read_to_string(format!("{}.pub", path.display())))
+        .expect("public key");
+    (path, public)
 }

@@ -1,0 +1,144 @@
+//! Many sessions per connection (OpenSSH ControlMaster), as oned's 15 parallel TM actions use it.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Sidecar, run, wait_timeout};
+
+const T: Duration = Duration::from_secs(120);
+
+/// Start a ControlMaster for the sidecar; returns the control socket path.
+fn master(s: &Sidecar) -> (std::path::PathBuf, std::process::Child) {
+    let ctl = s.dir.path().join("ctl.sock");
+    let child = Command::new("ssh")
+        .args(s.ssh_opts())
+        .args(["-M", "-N", "-o", "ControlPersist=no", "-S"])
+        .arg(&ctl)
+        .args(["-p", &s.ssh.port().to_string()])
+        .arg(format!("{}@127.0.0.1", common::me()))
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let check = Command::new("ssh")
+            .args(["-S"])
+            .arg(&ctl)
+            .args(["-O", "check", "x"])
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        if check.success() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "master did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (ctl, child)
+}
+
+fn via(ctl: &std::path::Path, cmd: &str) -> Command {
+    let mut c = Command::new("ssh");
+    c.args(["-S"])
+        .arg(ctl)
+        .args(["-o", "ControlMaster=no", "x", cmd]);
+    c
+}
+
+#[test]
+fn fifteen_concurrent_sessions_keep_their_own_exit_codes() {
+    let s = Sidecar::start();
+    let (ctl, mut m) = master(&s);
+    let mut children = vec![];
+    for i in 0..15 {
+        let cmd = if i % 3 == 0 {
+            // long streams
+            format!("head -c 64M /dev/zero | sha256sum >/dev/null; head -c 32M /dev/zero; exit {i}")
+        } else {
+            format!("echo session-{i}; exit {i}")
+        };
+        let child = via(&ctl, &cmd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        children.push((i, child));
+    }
+    for (i, child) in children {
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(i),
+            "session {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if i % 3 == 0 {
+            assert_eq!(out.stdout.len(), 32 << 20);
+        } else {
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                format!("session-{i}\n")
+            );
+        }
+    }
+    let _ = m.kill();
+}
+
+#[test]
+fn a_stalled_channel_does_not_block_the_others() {
+    let s = Sidecar::start();
+    let (ctl, mut m) = master(&s);
+    // Channel A pushes 16 MiB into a command that does not read stdin for 5 seconds.
+    let data = s.dir.path().join("16m");
+    std::fs::write(&data, vec![7u8; 16 << 20]).unwrap();
+    let mut stalled = via(&ctl, "sleep 5; cat >/dev/null; echo drained")
+        .stdin(std::fs::File::open(&data).unwrap())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Channel B must complete while A is still sleeping (A needs at least 5 s).
+    let out = run(&mut via(&ctl, "echo fast"), T);
+    assert_eq!(out.stdout, b"fast\n");
+    assert!(
+        stalled.try_wait().unwrap().is_none(),
+        "the stalled channel finished first: B was blocked behind it"
+    );
+    let status = wait_timeout(&mut stalled, T).expect("stalled channel finishes");
+    assert!(status.success());
+    let _ = m.kill();
+}
+
+#[test]
+fn sessions_past_the_cap_are_refused_cleanly() {
+    let s = Sidecar::start_with(&["--max-sessions", "2"]);
+    let (ctl, mut m) = master(&s);
+    let mut a = via(&ctl, "sleep 3").stdin(Stdio::null()).spawn().unwrap();
+    let mut b = via(&ctl, "sleep 3").stdin(Stdio::null()).spawn().unwrap();
+    // Once both sleeps hold their slots, a third session is refused (poll: they start async).
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let probe = run(&mut via(&ctl, "true"), T);
+        if !probe.status.success() {
+            // refused: the cap is in force
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline);
+    }
+    assert!(
+        s.logs
+            .lines()
+            .iter()
+            .any(|l| l.contains("too many sessions"))
+    );
+    assert!(wait_timeout(&mut a, T).unwrap().success());
+    assert!(wait_timeout(&mut b, T).unwrap().success());
+    // after they end, new sessions work again
+    assert!(run(&mut via(&ctl, "true"), T).status.success());
+    let _ = m.kill();
+}
