@@ -1,8 +1,7 @@
 //! Native file transfer (issue 3): a filesystem layer confined to the transfer roots with atomic
 //! uploads ([`fs`]), legacy scp ([`scp`]) and the SFTP subsystem ([`sftp`]).
-//!
-//! STUB: interface only.
 
+pub mod fs;
 pub mod scp;
 pub mod sftp;
 
@@ -10,13 +9,38 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Result;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
-/// Everything a transfer needs: the confined roots and the metrics to count into.
+use fs::Roots;
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Protocol {
+    Scp,
+    Sftp,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Direction {
+    Upload,
+    Download,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransferLabels {
+    pub protocol: Protocol,
+    pub direction: Direction,
+}
+
+/// Everything a transfer needs: the confined roots, the upload policy and the metrics.
+#[derive(Debug)]
 pub struct Transfer {
-    pub roots: Vec<PathBuf>,
-    pub home: PathBuf,
+    pub roots: Roots,
     pub fsync: bool,
+    bytes: Family<TransferLabels, Counter>,
+    files: Family<TransferLabels, Counter>,
 }
 
 impl Transfer {
@@ -25,12 +49,46 @@ impl Transfer {
         roots: &[PathBuf],
         home: &Path,
         fsync: bool,
-        _registry: &mut Registry,
+        registry: &mut Registry,
     ) -> Result<Arc<Transfer>> {
+        let roots = Roots::open(roots, home)?;
+        let bytes = Family::<TransferLabels, Counter>::default();
+        let files = Family::<TransferLabels, Counter>::default();
+        registry.register(
+            "transfer_bytes",
+            "Bytes moved by native scp and SFTP, by protocol and direction",
+            bytes.clone(),
+        );
+        registry.register(
+            "transfer_files",
+            "Files completely uploaded or downloaded by native scp and SFTP",
+            files.clone(),
+        );
         Ok(Arc::new(Transfer {
-            roots: roots.to_vec(),
-            home: home.to_path_buf(),
+            roots,
             fsync,
+            bytes,
+            files,
         }))
+    }
+
+    pub fn count_bytes(&self, protocol: Protocol, direction: Direction, n: u64) {
+        if n > 0 {
+            self.bytes
+                .get_or_create(&TransferLabels {
+                    protocol,
+                    direction,
+                })
+                .inc_by(n);
+        }
+    }
+
+    pub fn count_file(&self, protocol: Protocol, direction: Direction) {
+        self.files
+            .get_or_create(&TransferLabels {
+                protocol,
+                direction,
+            })
+            .inc();
     }
 }
