@@ -1229,7 +1229,7 @@ mod tests {
         );
         let err = |l: &[u8]| parse_record(l).unwrap_err();
         assert!(err(b"C06440 10 x").contains("mode not delimited"));
-        assert!(err(b"C064 10 x").contains("mode not delimited"));
+        assert!(err(b"C064 10 x").contains("bad mode"));
         assert!(err(b"C0648 10 x").contains("bad mode"));
         assert!(err(b"C0644 -5 x").contains("size not present"));
         assert!(err(b"C0644 10x x").contains("size not delimited"));
