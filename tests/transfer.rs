@@ -406,31 +406,35 @@ fn killed_uploads_leave_the_old_destination_and_no_temp_file() {
     let dest = s.root.join("image");
     std::fs::write(&dest, b"previous image").unwrap();
 
-    // scp -O, limited to ~2 MB/s so it is surely half-way when we kill it
-    let mut child = s
-        .scp()
-        .args([
-            "-O",
-            "-l",
-            "16000",
-            big.to_str().unwrap(),
-            &s.remote(dest.display().to_string()),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    assert!(
-        wait_until(Duration::from_secs(60), || temp_file_with_data(&s.root)),
-        "upload started"
-    );
-    kill9(&mut child);
-    assert!(
-        wait_until(Duration::from_secs(30), || hidden_files(&s.root).is_empty()),
-        "temp file removed"
-    );
-    assert_eq!(std::fs::read(&dest).unwrap(), b"previous image");
+    // scp in SFTP mode and -O, limited to ~2 MB/s so they are surely half-way when killed
+    for mode in MODES {
+        let mut child = s
+            .scp()
+            .args(mode)
+            .args([
+                "-l",
+                "16000",
+                big.to_str().unwrap(),
+                &s.remote(dest.display().to_string()),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        assert!(
+            wait_until(Duration::from_secs(60), || temp_file_with_data(&s.root)),
+            "upload started ({})",
+            mode_name(mode)
+        );
+        kill9(&mut child);
+        assert!(
+            wait_until(Duration::from_secs(30), || hidden_files(&s.root).is_empty()),
+            "temp file removed ({})",
+            mode_name(mode)
+        );
+        assert_eq!(std::fs::read(&dest).unwrap(), b"previous image");
+    }
 
     // sftp put
     let batch = local.path().join("batch");
@@ -491,4 +495,72 @@ fn sftp_session_through_the_server() {
         std::fs::metadata(s.root.join("d/g")).unwrap().mode() & 0o777,
         0o600
     );
+}
+
+/// A small tmpfs, unmounted on drop.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        ok.then_some(Tmpfs(dir))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[test]
+fn full_filesystem_gives_a_clear_error_and_no_temp_file() {
+    let Some(fs) = Tmpfs::mount("2m") else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs CAP_SYS_ADMIN)");
+        return;
+    };
+    let small = fs.0.path().to_path_buf();
+    let s = common::Sidecar::start_with(&["--transfer-root", small.to_str().unwrap()]);
+    let local = tempfile::tempdir().unwrap();
+    let big = local.path().join("big");
+    write_random(&big, 4 << 20, 3);
+    let dest = small.join("image");
+    std::fs::write(&dest, b"previous image").unwrap();
+    for mode in MODES {
+        let out = scp(
+            &s,
+            mode,
+            &[big.to_str().unwrap(), &s.remote(rpath(mode, &dest))],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "upload to a full filesystem succeeded ({})",
+            mode_name(mode)
+        );
+        assert!(
+            stderr.contains("No space left on device") || stderr.contains("Failure"),
+            "clear error ({}): {stderr}",
+            mode_name(mode)
+        );
+        assert!(
+            wait_until(Duration::from_secs(30), || hidden_files(&small).is_empty()),
+            "no temp file ({})",
+            mode_name(mode)
+        );
+        assert!(
+            std::fs::read(&dest).unwrap() == b"previous image",
+            "destination changed ({}): {stderr}",
+            mode_name(mode)
+        );
+    }
 }

@@ -474,7 +474,25 @@ impl Roots {
     /// temporary file renamed into place on commit; anything else (a symlink, a FIFO) is opened
     /// in place beneath the root. `mode` is the requested mode (before the umask).
     pub fn create_upload(&self, loc: &Located, mode: u32, fsync: bool) -> io::Result<Upload> {
+        self.upload(loc, mode, fsync, false)
+    }
+
+    /// Like [`Self::create_upload`] for an open *without* truncation (OpenSSH ≥ 9 uploads open
+    /// with WRITE|CREAT and truncate at the end): the result must equal writing in place, so at
+    /// commit the bytes of the old file the client did not overwrite are copied into the
+    /// temporary file before the rename. An interrupted upload still leaves the old file intact.
+    pub fn create_upload_overlay(
+        &self,
+        loc: &Located,
+        mode: u32,
+        fsync: bool,
+    ) -> io::Result<Upload> {
+        self.upload(loc, mode, fsync, true)
+    }
+
+    fn upload(&self, loc: &Located, mode: u32, fsync: bool, keep: bool) -> io::Result<Upload> {
         let (dir, name) = self.parent(loc)?;
+        let mut overlay = None;
         let final_mode = match rustix::fs::statat(&dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW)
         {
             Err(rustix::io::Errno::NOENT) => mode & 0o7777 & !self.umask,
@@ -489,12 +507,41 @@ impl Roots {
                         AtFlags::EACCESS | AtFlags::SYMLINK_NOFOLLOW,
                     )
                     .map_err(errno)?;
+                    if keep {
+                        let old = rustix::fs::openat(
+                            &dir,
+                            name.as_slice(),
+                            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+                            Mode::empty(),
+                        );
+                        match old {
+                            Ok(old) => {
+                                let len = st.st_size.max(0) as u64;
+                                overlay = Some(Overlay {
+                                    old: File::from(old),
+                                    old_limit: len,
+                                    size: len,
+                                    written: Vec::new(),
+                                });
+                            }
+                            // Unreadable (write-only) file: fall back to writing in place.
+                            Err(_) => {
+                                let fd = self.open_beneath(
+                                    loc,
+                                    OFlags::WRONLY | OFlags::CREATE,
+                                    mode & 0o7777,
+                                )?;
+                                return Ok(Upload::in_place(File::from(fd), loc.display.clone()));
+                            }
+                        }
+                    }
                     st.st_mode & 0o7777
                 }
                 _ => {
+                    let trunc = if keep { OFlags::empty() } else { OFlags::TRUNC };
                     let fd = self.open_beneath(
                         loc,
-                        OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC,
+                        OFlags::WRONLY | OFlags::CREATE | trunc,
                         mode & 0o7777,
                     )?;
                     return Ok(Upload::in_place(File::from(fd), loc.display.clone()));
@@ -522,6 +569,7 @@ impl Roots {
                 fsync,
                 committed: false,
             }),
+            overlay,
             display: loc.display.clone(),
         })
     }
@@ -561,12 +609,77 @@ struct Atomic {
     committed: bool,
 }
 
+/// What an upload opened without truncation needs to reproduce in-place semantics at commit.
+#[derive(Debug)]
+struct Overlay {
+    /// The destination as it was at open.
+    old: File,
+    /// Old bytes beyond this were truncated away by the client.
+    old_limit: u64,
+    /// The logical file size.
+    size: u64,
+    /// Written ranges, sorted and merged.
+    written: Vec<(u64, u64)>,
+}
+
+impl Overlay {
+    fn wrote(&mut self, start: u64, end: u64) {
+        self.size = self.size.max(end);
+        if let Some(last) = self.written.last_mut()
+            && last.0 <= start
+            && start <= last.1
+        {
+            last.1 = last.1.max(end);
+            return;
+        }
+        self.written.push((start, end));
+        self.written.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(self.written.len());
+        for (s, e) in self.written.drain(..) {
+            match merged.last_mut() {
+                Some(m) if s <= m.1 => m.1 = m.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        self.written = merged;
+    }
+
+    fn truncate(&mut self, size: u64) {
+        self.size = size;
+        self.old_limit = self.old_limit.min(size);
+        self.written.retain(|r| r.0 < size);
+        if let Some(last) = self.written.last_mut() {
+            last.1 = last.1.min(size);
+        }
+    }
+
+    /// Ranges of old content that must be copied: [0, old_limit) minus what was written.
+    fn gaps(&self) -> Vec<(u64, u64)> {
+        let mut gaps = Vec::new();
+        let mut pos = 0;
+        for &(s, e) in &self.written {
+            if s >= self.old_limit {
+                break;
+            }
+            if s > pos {
+                gaps.push((pos, s));
+            }
+            pos = pos.max(e);
+        }
+        if pos < self.old_limit {
+            gaps.push((pos, self.old_limit));
+        }
+        gaps
+    }
+}
+
 /// A file being uploaded. Dropping it without [`Upload::commit`] removes the temporary file and
 /// leaves any existing destination untouched.
 #[derive(Debug)]
 pub struct Upload {
     file: File,
     atomic: Option<Atomic>,
+    overlay: Option<Overlay>,
     pub display: Vec<u8>,
 }
 
@@ -575,12 +688,23 @@ impl Upload {
         Upload {
             file,
             atomic: None,
+            overlay: None,
             display,
         }
     }
 
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// Positioned write (SFTP).
+    pub fn write_at(&mut self, data: &[u8], off: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.write_all_at(data, off)?;
+        if let Some(o) = &mut self.overlay {
+            o.wrote(off, off + data.len() as u64);
+        }
+        Ok(())
     }
 
     /// Set the final mode (scp -p, SFTP fsetstat).
@@ -598,6 +722,9 @@ impl Upload {
     pub fn set_attrs(&mut self, a: &SetAttrs) -> io::Result<()> {
         if let Some(size) = a.size {
             rustix::fs::ftruncate(&self.file, size).map_err(errno)?;
+            if let Some(o) = &mut self.overlay {
+                o.truncate(size);
+            }
         }
         if a.uid.is_some() || a.gid.is_some() {
             rustix::fs::fchown(
@@ -618,6 +745,22 @@ impl Upload {
 
     /// Finish: fsync (if configured), give the file its mode and rename it over the destination.
     pub fn commit(mut self) -> io::Result<()> {
+        if let Some(o) = &self.overlay {
+            use std::os::unix::fs::FileExt;
+            let mut buf = vec![0u8; 1 << 20];
+            for (mut s, e) in o.gaps() {
+                while s < e {
+                    let want = ((e - s) as usize).min(buf.len());
+                    let n = o.old.read_at(&mut buf[..want], s)?;
+                    if n == 0 {
+                        break; // the old file shrank meanwhile: the rest stays a hole
+                    }
+                    self.file.write_all_at(&buf[..n], s)?;
+                    s += n as u64;
+                }
+            }
+            rustix::fs::ftruncate(&self.file, o.size).map_err(errno)?;
+        }
         let Some(a) = self.atomic.as_mut() else {
             return Ok(());
         };
@@ -782,6 +925,39 @@ mod tests {
         let r = roots.locate(&p(&root)).unwrap();
         assert!(is_denied(&roots.rmdir(&r).unwrap_err()));
         assert!(is_denied(&roots.rename(&r, &dst, true).unwrap_err()));
+    }
+
+    #[test]
+    fn overlay_upload_keeps_unwritten_old_bytes() {
+        let (_dir, roots, root) = setup();
+        std::fs::write(root.join("f"), b"0123456789").unwrap();
+        let loc = roots.locate(&p(&root.join("f"))).unwrap();
+        let mut up = roots.create_upload_overlay(&loc, 0o644, false).unwrap();
+        up.write_at(b"ab", 2).unwrap();
+        up.write_at(b"XY", 12).unwrap();
+        assert_eq!(
+            std::fs::read(root.join("f")).unwrap(),
+            b"0123456789",
+            "untouched until commit"
+        );
+        up.commit().unwrap();
+        assert_eq!(std::fs::read(root.join("f")).unwrap(), b"01ab456789\0\0XY");
+        // a full rewrite followed by a truncation (what OpenSSH 9 uploads do)
+        let mut up = roots.create_upload_overlay(&loc, 0o644, false).unwrap();
+        up.write_at(b"new", 0).unwrap();
+        up.set_attrs(&SetAttrs {
+            size: Some(3),
+            ..Default::default()
+        })
+        .unwrap();
+        up.commit().unwrap();
+        assert_eq!(std::fs::read(root.join("f")).unwrap(), b"new");
+        // dropped: old content stays
+        let mut up = roots.create_upload_overlay(&loc, 0o644, false).unwrap();
+        up.write_at(b"zzzzzz", 0).unwrap();
+        drop(up);
+        assert_eq!(std::fs::read(root.join("f")).unwrap(), b"new");
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 2);
     }
 
     #[test]

@@ -184,8 +184,12 @@ fn open(ctx: &Ctx, path: &[u8], pflags: u32, mode: u32) -> io::Result<u32> {
     let readable = pflags & SSH_FXF_READ != 0;
     let writable = pflags & SSH_FXF_WRITE != 0;
     let atomic = SSH_FXF_WRITE | SSH_FXF_CREAT | SSH_FXF_TRUNC;
+    let overlay = SSH_FXF_WRITE | SSH_FXF_CREAT;
     let kind = if pflags & atomic == atomic && pflags & (SSH_FXF_EXCL | SSH_FXF_APPEND) == 0 {
         FileKind::Upload(roots.create_upload(&loc, mode, ctx.transfer.fsync)?)
+    } else if pflags & !SSH_FXF_TRUNC == overlay {
+        // OpenSSH ≥ 9 uploads: WRITE|CREAT, writes, then fsetstat(size). Still atomic.
+        FileKind::Upload(roots.create_upload_overlay(&loc, mode, ctx.transfer.fsync)?)
     } else {
         let mut flags = match (readable, writable) {
             (true, true) => OFlags::RDWR,

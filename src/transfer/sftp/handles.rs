@@ -85,23 +85,19 @@ pub fn worker(
     transfer: Arc<Transfer>,
 ) {
     while let Ok(job) = rx.recv() {
-        let closing = matches!(job.op, HandleOp::Close);
-        let reply = match job.op {
-            HandleOp::Close => {
-                let r = close(obj, job.id, &transfer);
-                let _ = out.send(Out {
-                    bytes: r,
-                    permit: Some(job.permit),
-                });
-                return;
-            }
-            op => run(&mut obj, job.id, op, &transfer),
-        };
+        if let HandleOp::Close = job.op {
+            let r = close(obj, job.id, &transfer);
+            let _ = out.send(Out {
+                bytes: r,
+                permit: Some(job.permit),
+            });
+            return;
+        }
+        let reply = run(&mut obj, job.id, job.op, &transfer);
         let _ = out.send(Out {
             bytes: reply,
             permit: Some(job.permit),
         });
-        debug_assert!(!closing);
     }
     // The session ended with the handle open: dropping `obj` removes an unfinished upload.
 }
@@ -162,7 +158,11 @@ fn run(obj: &mut Obj, id: u32, op: HandleOp, transfer: &Transfer) -> Bytes {
             }
         }
         (Obj::File(f), HandleOp::Write { off, data }) => {
-            match f.kind.file().write_all_at(&data, off) {
+            let written = match &mut f.kind {
+                FileKind::Upload(u) => u.write_at(&data, off),
+                FileKind::Plain(file) => file.write_all_at(&data, off),
+            };
+            match written {
                 Ok(()) => {
                     transfer.count_bytes(Protocol::Sftp, Direction::Upload, data.len() as u64);
                     ok(id)
