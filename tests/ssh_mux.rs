@@ -118,9 +118,15 @@ fn a_stalled_channel_does_not_block_the_others() {
 fn sessions_past_the_cap_are_refused_cleanly() {
     let s = Sidecar::start_with(&["--max-sessions", "2"]);
     let (ctl, mut m) = master(&s);
-    let mut a = via(&ctl, "sleep 3").stdin(Stdio::null()).spawn().unwrap();
-    let mut b = via(&ctl, "sleep 3").stdin(Stdio::null()).spawn().unwrap();
-    // Once both sleeps hold their slots, a third session is refused (poll: they start async).
+    let mut a = via(&ctl, "cat >/dev/null")
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut b = via(&ctl, "cat >/dev/null")
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once both hold their slots, a third session is refused (poll: they start async).
     let deadline = std::time::Instant::now() + T;
     loop {
         let probe = run(&mut via(&ctl, "true"), T);
@@ -136,6 +142,8 @@ fn sessions_past_the_cap_are_refused_cleanly() {
             .iter()
             .any(|l| l.contains("too many sessions"))
     );
+    drop(a.stdin.take());
+    drop(b.stdin.take());
     assert!(wait_timeout(&mut a, T).unwrap().success());
     assert!(wait_timeout(&mut b, T).unwrap().success());
     // after they end, new sessions work again
