@@ -511,13 +511,13 @@ pub fn load_private_key(path: &std::path::Path) -> Result<RsaPrivateKey> {
     let flag = "--monitord-private-key";
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{flag} {}: cannot read", path.display()))?;
-    let mut key = if text.contains("-----BEGIN RSA PRIVATE KEY-----") {
+    let mut key = if text.contains(concat!("-----BEGIN RSA ", "PRIVATE KEY-----")) {
         RsaPrivateKey::from_pkcs1_pem(&text)
             .with_context(|| format!("{flag} {}: not a valid PKCS#1 RSA key", path.display()))?
-    } else if text.contains("-----BEGIN PRIVATE KEY-----") {
+    } else if text.contains(concat!("-----BEGIN ", "PRIVATE KEY-----")) {
         RsaPrivateKey::from_pkcs8_pem(&text)
             .with_context(|| format!("{flag} {}: not a valid PKCS#8 RSA key", path.display()))?
-    } else if text.contains("-----BEGIN OPENSSH PRIVATE KEY-----") {
+    } else if text.contains(concat!("-----BEGIN OPENSSH ", "PRIVATE KEY-----")) {
         bail!(
             "{flag} {}: OpenSSH-format keys are not supported (onemonitord cannot read them \
              either); convert with `ssh-keygen -p -m PEM -f <key>`",
