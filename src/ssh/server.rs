@@ -245,6 +245,7 @@ async fn serve_connection(
     tokio::pin!(session);
     let grace = tokio::time::sleep(LOGIN_GRACE.saturating_sub(started.elapsed()));
     tokio::pin!(grace);
+    let mut grace_armed = true;
     let mut draining = false;
     // While draining, an idle connection is closed shortly after its last channel ended: a
     // plain client closes it itself after reading its exit status, and a DISCONNECT sent
@@ -260,7 +261,13 @@ async fn serve_connection(
                 }
                 break if conn.authenticated() { "closed" } else { "unauthenticated" };
             }
-            _ = &mut grace, if !conn.authenticated() => {
+            // `select!` checks the condition only when the loop turns, so a connection that
+            // authenticated since then reaches here too: disarm the timer instead of closing it.
+            _ = &mut grace, if grace_armed => {
+                grace_armed = false;
+                if conn.authenticated() {
+                    continue;
+                }
                 info!(%peer, "login grace time exceeded");
                 let _ = handle
                     .disconnect(russh::Disconnect::ByApplication, "login grace time exceeded".into(), "".into())
