@@ -13,6 +13,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
+use crate::ssh::limits::{MaxStartups, PenaltyPolicy, default_exempt};
+use crate::ssh::patterns::Cidr;
+
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -185,6 +188,54 @@ pub struct Settings {
     /// Unanswered keepalives before the connection is dropped [default: 3].
     #[arg(long, env = "TM_SIDECAR_CLIENT_ALIVE_COUNT_MAX", value_name = "N")]
     pub client_alive_count_max: Option<usize>,
+
+    /// SSH connections open at once, authenticated or not [default: 2048].
+    #[arg(long, env = "TM_SIDECAR_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Connections still authenticating, as sshd's MaxStartups: past START new ones are
+    /// dropped with probability RATE %, rising linearly to 100 % at FULL [default: 10:30:100].
+    #[arg(long, env = "TM_SIDECAR_MAX_STARTUPS", value_name = "START:RATE:FULL")]
+    pub max_startups: Option<String>,
+
+    /// How many of one source's authenticating connections count towards --max-startups'
+    /// total (the source's own connections are early-dropped on their own count too): a
+    /// flooding host cannot push others into the drop zone. Keep it below START [default: 8].
+    #[arg(long, env = "TM_SIDECAR_PER_SOURCE_MAX_STARTUPS", value_name = "N")]
+    pub per_source_max_startups: Option<usize>,
+
+    /// Seconds a connection has to authenticate before it is closed [default: 60].
+    #[arg(long, env = "TM_SIDECAR_LOGIN_GRACE_TIME", value_name = "SECONDS")]
+    pub login_grace_time: Option<u64>,
+
+    /// Failed authentication attempts allowed per connection [default: 6].
+    #[arg(long, env = "TM_SIDECAR_MAX_AUTH_TRIES", value_name = "N")]
+    pub max_auth_tries: Option<usize>,
+
+    /// Close an authenticated connection that has had no channel open for this many seconds
+    /// (sshd's UnusedConnectionTimeout); keep it above the clients' ControlPersist, 0 = never
+    /// [default: 3600].
+    #[arg(
+        long,
+        env = "TM_SIDECAR_UNUSED_CONNECTION_TIMEOUT",
+        value_name = "SECONDS"
+    )]
+    pub unused_connection_timeout: Option<u64>,
+
+    /// Refuse sources for a growing period after failed logins, connections that never try
+    /// to log in and login grace time running out (sshd's PerSourcePenalties) [default: true].
+    #[arg(long, env = "TM_SIDECAR_PER_SOURCE_PENALTIES")]
+    pub per_source_penalties: Option<bool>,
+
+    /// Networks never penalised, comma-separated or repeated; `none` penalises loopback too
+    /// [default: 127.0.0.0/8,::1/128].
+    #[arg(
+        long,
+        env = "TM_SIDECAR_PENALTY_EXEMPT",
+        value_name = "CIDR,...",
+        value_delimiter = ','
+    )]
+    pub penalty_exempt: Vec<String>,
 }
 
 /// Fill every unset field of `self` from `other`.
@@ -203,9 +254,11 @@ impl Settings {
                  monitord_max_inflated_bytes, monitord_read_timeout, monitord_max_connections,
                  monitord_rate_limit, monitord_max_hosts, admin_listen, log_format,
                  shutdown_grace, max_sessions, permit_user_environment, fsync_uploads,
-                 client_alive_interval, client_alive_count_max;
+                 client_alive_interval, client_alive_count_max, max_connections, max_startups,
+                 per_source_max_startups, login_grace_time, max_auth_tries,
+                 unused_connection_timeout, per_source_penalties;
             vec: ssh_listen, host_key, authorized_keys, allow_user, transfer_root,
-                 monitord_listen);
+                 monitord_listen, penalty_exempt);
     }
 
     /// Parse a TOML config file.
@@ -270,6 +323,93 @@ pub struct Config {
     #[serde(with = "secs")]
     pub client_alive_interval: Duration,
     pub client_alive_count_max: usize,
+    pub limits: SshLimits,
+}
+
+/// Limits on what unauthenticated and idle peers can hold.
+#[derive(Clone, Debug, Serialize)]
+pub struct SshLimits {
+    pub max_connections: usize,
+    #[serde(serialize_with = "display")]
+    pub max_startups: MaxStartups,
+    pub per_source_max_startups: usize,
+    #[serde(with = "secs")]
+    pub login_grace_time: Duration,
+    pub max_auth_tries: usize,
+    /// `None` = never.
+    #[serde(serialize_with = "opt_secs")]
+    pub unused_connection_timeout: Option<Duration>,
+    pub penalties: PenaltyPolicy,
+}
+
+impl SshLimits {
+    fn resolve(s: &Settings) -> Result<SshLimits> {
+        let positive = |flag: &str, v: Option<usize>, default: usize| -> Result<usize> {
+            match v.unwrap_or(default) {
+                0 => bail!("{flag} must be at least 1"),
+                n => Ok(n),
+            }
+        };
+        let max_startups = match &s.max_startups {
+            Some(text) => MaxStartups::parse(text)?,
+            None => MaxStartups::default(),
+        };
+        let per_source_max_startups = match s.per_source_max_startups {
+            None => 8.min(max_startups.start.saturating_sub(1)).max(1),
+            Some(n) if n == 0 || (n >= max_startups.start && max_startups.start > 1) => bail!(
+                "--per-source-max-startups {n}: must be at least 1 and below START of \
+                 --max-startups ({})",
+                max_startups.start
+            ),
+            Some(n) => n,
+        };
+        let login_grace_time = Duration::from_secs(s.login_grace_time.unwrap_or(60));
+        if login_grace_time.is_zero() {
+            // sshd allows 0 = unlimited; an SSH port facing the network should not.
+            bail!("--login-grace-time must be at least 1 second");
+        }
+        let exempt = if s.penalty_exempt.is_empty() {
+            default_exempt()
+        } else if s.penalty_exempt.len() == 1 && s.penalty_exempt[0].eq_ignore_ascii_case("none") {
+            vec![]
+        } else {
+            let mut list = vec![];
+            for entry in &s.penalty_exempt {
+                match Cidr::parse(entry.trim()) {
+                    Ok(Some(c)) => list.push(c),
+                    Ok(None) => {
+                        bail!("--penalty-exempt {entry:?}: expected an address or ADDR/LEN")
+                    }
+                    Err(e) => bail!("--penalty-exempt: {e}"),
+                }
+            }
+            list
+        };
+        Ok(SshLimits {
+            max_connections: positive("--max-connections", s.max_connections, 2048)?,
+            max_startups,
+            per_source_max_startups,
+            login_grace_time,
+            max_auth_tries: positive("--max-auth-tries", s.max_auth_tries, 6)?,
+            unused_connection_timeout: match s.unused_connection_timeout.unwrap_or(3600) {
+                0 => None,
+                n => Some(Duration::from_secs(n)),
+            },
+            penalties: PenaltyPolicy {
+                enabled: s.per_source_penalties.unwrap_or(true),
+                exempt,
+                ..PenaltyPolicy::default()
+            },
+        })
+    }
+}
+
+fn display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+fn opt_secs<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.map_or(0, |d| d.as_secs()))
 }
 
 mod secs {
@@ -315,6 +455,7 @@ impl Config {
     /// Apply defaults to merged settings and check what can be checked without touching files.
     pub fn resolve(s: Settings) -> Result<Config> {
         let dev = s.dev;
+        let limits = SshLimits::resolve(&s)?;
         let cwd = std::env::current_dir().context("cannot read the current directory")?;
         let or_vec = |v: Vec<PathBuf>, dflt: PathBuf| if v.is_empty() { vec![dflt] } else { v };
 
@@ -451,6 +592,7 @@ impl Config {
             fsync_uploads: s.fsync_uploads.unwrap_or(true),
             client_alive_interval: Duration::from_secs(s.client_alive_interval.unwrap_or(15)),
             client_alive_count_max: s.client_alive_count_max.unwrap_or(3),
+            limits,
         })
     }
 

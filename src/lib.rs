@@ -6,9 +6,11 @@
 //! - [`transfer`]: confined filesystem, native scp and SFTP
 //! - [`monitord`]: the monitord relay on 4124 TCP+UDP
 //! - [`admin`]: HTTP health, readiness, metrics and the host table
+//! - [`collect`]: scrape-time metrics (process figures)
 //! - [`keys`]: host keys and `keygen`
 
 pub mod admin;
+pub mod collect;
 pub mod config;
 pub mod escape;
 pub mod keys;

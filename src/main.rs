@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use tm_sidecar::config::{Config, Settings};
-use tm_sidecar::{admin, keys, logging, monitord, ssh, transfer};
+use tm_sidecar::{admin, collect, keys, logging, monitord, ssh, transfer};
 
 /// SSH transfer-manager and monitord sidecar for OpenNebula front-ends on Kubernetes.
 ///
@@ -133,6 +133,7 @@ async fn serve(settings: Settings) -> Result<ExitCode> {
     config.check_paths()?;
 
     let mut registry = prometheus_client::registry::Registry::with_prefix("tm_sidecar");
+    registry.register_collector(Box::new(collect::ProcessCollector::new()));
     let host_keys = keys::load_host_keys(&config.host_keys)?;
     let auth = ssh::auth::AuthPolicy::load(&config)?;
     let transfer = transfer::Transfer::new(

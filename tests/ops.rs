@@ -6,47 +6,10 @@ use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::admin::{http_get, metrics, scrape_value, value};
 use common::{Sidecar, run, wait_timeout};
 
 const T: Duration = Duration::from_secs(120);
-
-/// Minimal HTTP/1.0 GET; returns (status, body).
-pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect admin");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
-/// Parse Prometheus text exposition into (name{labels}, value) pairs.
-pub fn parse_metrics(body: &str) -> Vec<(String, f64)> {
-    body.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            Some((name.to_string(), value.parse().ok()?))
-        })
-        .collect()
-}
-
-fn metric(body: &str, name: &str) -> f64 {
-    parse_metrics(body)
-        .into_iter()
-        .filter(|(n, _)| n == name)
-        .map(|(_, v)| v)
-        .sum()
-}
 
 #[test]
 fn endpoints_answer_and_counters_move() {
@@ -57,15 +20,89 @@ fn endpoints_answer_and_counters_move() {
     let (code, hosts) = http_get(admin, "/api/v1/hosts");
     assert_eq!(code, 200);
     assert!(serde_json::from_str::<serde_json::Value>(&hosts).is_ok());
-    let before = http_get(admin, "/metrics").1;
+    let before = metrics(&s);
+
+    // a login with an exec, an scp upload (legacy protocol) and a monitord message
     assert!(run(&mut s.ssh(&["exit 3"]), T).status.code() == Some(3));
-    let after = http_get(admin, "/metrics").1;
-    let exec = "tm_sidecar_ssh_channels_total{kind=\"exec\"}";
-    assert_eq!(metric(&after, exec) - metric(&before, exec), 1.0, "{after}");
-    let failed = "tm_sidecar_ssh_exec_completions_total{class=\"failure\"}";
-    assert_eq!(metric(&after, failed) - metric(&before, failed), 1.0);
-    let ok = "tm_sidecar_ssh_auth_attempts_total{method=\"publickey\",result=\"accepted\"}";
-    assert!(metric(&after, ok) >= 1.0);
+    let src = s.dir.path().join("up");
+    std::fs::write(&src, vec![1u8; 1000]).unwrap();
+    let up = run(
+        s.scp().arg("-O").arg(&src).arg(s.remote(s.root.join("up"))),
+        T,
+    );
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let sent = run(
+        Command::new(common::BIN)
+            .args(["monitord-send", "--udp", "--host", "127.0.0.1", "--port"])
+            .arg(s.monitord.expect("monitord").port().to_string())
+            .args(["--type", "BEACON_HOST", "--host-id", "7"])
+            .stdin(Stdio::null()),
+        T,
+    );
+    assert!(sent.status.success());
+    let deadline = Instant::now() + T;
+    let after = loop {
+        let m = metrics(&s);
+        if value(&m, "tm_sidecar_monitord_messages_total", &[]) >= 1.0 {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "monitord message not counted");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let moved = |name: &str, labels: &[(&str, &str)]| {
+        value(&after, name, labels) - value(&before, name, labels)
+    };
+    assert_eq!(
+        moved("tm_sidecar_ssh_channels_total", &[("kind", "exec")]),
+        1.0
+    );
+    assert_eq!(
+        moved("tm_sidecar_ssh_channels_total", &[("kind", "scp")]),
+        1.0
+    );
+    assert_eq!(
+        moved(
+            "tm_sidecar_ssh_exec_completions_total",
+            &[("class", "failure")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        moved(
+            "tm_sidecar_ssh_auth_attempts_total",
+            &[("method", "publickey"), ("result", "accepted")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        moved(
+            "tm_sidecar_transfer_bytes_total",
+            &[("protocol", "scp"), ("direction", "upload")]
+        ),
+        1000.0
+    );
+    assert_eq!(
+        moved(
+            "tm_sidecar_monitord_messages_total",
+            &[("type", "BEACON_HOST")]
+        ),
+        1.0
+    );
+    // process figures are there and plausible
+    let rss = value(&after, "tm_sidecar_process_resident_memory_bytes", &[]);
+    assert!(rss > 1e6 && rss < 1e9, "rss {rss}");
+    assert!(value(&after, "tm_sidecar_process_open_fds", &[]) >= 3.0);
+    assert!(value(&after, "tm_sidecar_process_uptime_seconds", &[]) > 0.0);
+    assert!(value(&after, "tm_sidecar_process_start_time_seconds", &[]) > 1.7e9);
+    assert!(
+        after
+            .iter()
+            .any(|m| m.name == "tm_sidecar_process_cpu_seconds_total")
+    );
 }
 
 #[test]
@@ -128,8 +165,7 @@ fn sigterm_drains_running_sessions_then_exits_zero() {
     // all six sessions are running once their channels are counted
     let deadline = Instant::now() + T;
     loop {
-        let m = http_get(admin, "/metrics").1;
-        if metric(&m, "tm_sidecar_ssh_channels_active{kind=\"exec\"}") >= 6.0 {
+        if scrape_value(&s, "tm_sidecar_ssh_channels_active", &[("kind", "exec")]) >= 6.0 {
             break;
         }
         assert!(Instant::now() < deadline, "sessions did not start");

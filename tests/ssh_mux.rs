@@ -26,7 +26,7 @@ fn master(s: &Sidecar) -> (std::path::PathBuf, std::process::Child) {
         let check = Command::new("ssh")
             .args(["-S"])
             .arg(&ctl)
-            .args(["-O", "check", "x"])
+            .args(["-O", "check", "127.0.0.1"])
             .stderr(Stdio::null())
             .status()
             .unwrap();
@@ -42,11 +42,21 @@ fn master(s: &Sidecar) -> (std::path::PathBuf, std::process::Child) {
     (ctl, child)
 }
 
+/// A client multiplexed over the master. When the master refuses the session, OpenSSH falls
+/// back to a direct connection: aim that at the discard port so it fails at once instead of
+/// waiting on a DNS lookup or reaching the sidecar.
 fn via(ctl: &std::path::Path, cmd: &str) -> Command {
     let mut c = Command::new("ssh");
-    c.args(["-S"])
-        .arg(ctl)
-        .args(["-o", "ControlMaster=no", "x", cmd]);
+    c.args(["-S"]).arg(ctl).args([
+        "-o",
+        "ControlMaster=no",
+        "-F",
+        "/dev/null",
+        "-p",
+        "9",
+        "127.0.0.1",
+        cmd,
+    ]);
     c
 }
 

@@ -6,6 +6,15 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 
+use std::sync::Arc;
+use std::time::Instant;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+
+use crate::collect::gauge;
+use crate::ssh::limits::{Penalties, Startups};
+
 type Labels1 = [(&'static str, &'static str); 1];
 type Labels2 = [(&'static str, &'static str); 2];
 
@@ -23,9 +32,17 @@ pub struct SshMetrics {
 }
 
 impl SshMetrics {
-    pub fn new(registry: &mut Registry) -> SshMetrics {
+    pub fn new(
+        registry: &mut Registry,
+        startups: Arc<Startups>,
+        penalties: Arc<Penalties>,
+    ) -> SshMetrics {
         let m = SshMetrics::default();
         let r = registry.sub_registry_with_prefix("ssh");
+        r.register_collector(Box::new(LimitsCollector {
+            startups,
+            penalties,
+        }));
         r.register(
             "connections_active",
             "Open SSH connections",
@@ -33,12 +50,12 @@ impl SshMetrics {
         );
         r.register(
             "connections",
-            "SSH connections by how they ended (closed, unauthenticated, grace_exceeded, failed, shutdown)",
+            "SSH connections by how they ended (closed, unauthenticated, grace_exceeded, failed, auth_tries_exceeded, unused_timeout, shutdown)",
             m.connections.clone(),
         );
         r.register(
             "connections_refused",
-            "SSH connections refused before the handshake, by reason",
+            "SSH connections refused before the handshake, by reason (penalty, max_connections, max_startups, per_source_startups)",
             m.refused.clone(),
         );
         r.register(
@@ -127,5 +144,36 @@ pub struct ChannelGuard {
 impl Drop for ChannelGuard {
     fn drop(&mut self) {
         self.gauge.dec();
+    }
+}
+
+/// Scrape-time view of the pre-authentication limits.
+struct LimitsCollector {
+    startups: Arc<Startups>,
+    penalties: Arc<Penalties>,
+}
+
+impl std::fmt::Debug for LimitsCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LimitsCollector")
+    }
+}
+
+impl Collector for LimitsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        gauge(
+            &mut encoder,
+            "connections_unauthenticated",
+            "SSH connections still authenticating (counted against --max-startups)",
+            None,
+            self.startups.pending() as f64,
+        )?;
+        gauge(
+            &mut encoder,
+            "penalties_active",
+            "Source addresses currently refused by per-source penalties",
+            None,
+            self.penalties.active(Instant::now()) as f64,
+        )
     }
 }

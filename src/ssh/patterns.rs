@@ -77,6 +77,18 @@ impl Cidr {
     }
 }
 
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl serde::Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// `*` matches any run of characters, `?` exactly one; ASCII case-insensitive.
 pub fn wildcard_match(pattern: &str, text: &str) -> bool {
     let p = pattern.as_bytes();

@@ -7,7 +7,7 @@
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use prometheus_client::registry::Registry;
@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::ssh::auth::AuthPolicy;
+use crate::ssh::limits::{Offence, Penalties, StartupTicket, Startups};
 use crate::ssh::metrics::SshMetrics;
 use crate::ssh::session::{ConnState, Connection};
 use crate::transfer::Transfer;
@@ -33,6 +34,10 @@ pub struct Shared {
     pub metrics: SshMetrics,
     /// Cancelled when the server starts draining: no new channels.
     pub draining: CancellationToken,
+    /// Connections still authenticating (MaxStartups).
+    pub startups: Arc<Startups>,
+    /// Sources refused for misbehaving (PerSourcePenalties).
+    pub penalties: Arc<Penalties>,
 }
 
 /// Bound SSH listeners, ready to run.
@@ -54,12 +59,8 @@ const CIPHERS: &[russh::cipher::Name] = &[
     russh::cipher::AES_128_CTR,
 ];
 
-/// Login grace time: unauthenticated connections are closed after this.
-pub const LOGIN_GRACE: Duration = Duration::from_secs(60);
 /// While draining: how long an idle connection may stay before it is closed.
 const DRAIN_IDLE_CLOSE: Duration = Duration::from_millis(500);
-/// Connections accepted at once, authenticated or not.
-pub const MAX_CONNECTIONS: usize = 2048;
 
 fn russh_config(config: &Config, host_keys: Vec<PrivateKey>) -> russh::server::Config {
     let keepalive =
@@ -84,7 +85,9 @@ fn russh_config(config: &Config, host_keys: Vec<PrivateKey>) -> russh::server::C
             compression: Cow::Borrowed(&[russh::compression::NONE]),
             ..Default::default()
         },
-        max_auth_attempts: 6,
+        // Our handler counts failures as sshd does (key probes included) and disconnects at
+        // --max-auth-tries; russh's own count (signatures and `none` only) is a backstop.
+        max_auth_attempts: config.limits.max_auth_tries + 1,
         // Idle ControlPersist masters must survive; dead peers are found by keepalives.
         inactivity_timeout: None,
         keepalive_interval: keepalive,
@@ -110,12 +113,17 @@ impl SshServer {
                 .with_context(|| format!("--ssh-listen {addr}: cannot bind"))?;
             listeners.push(listener);
         }
+        let limits = &config.limits;
+        let startups = Startups::new(limits.max_startups, limits.per_source_max_startups);
+        let penalties = Penalties::new(limits.penalties.clone());
         let shared = Arc::new(Shared {
             config: config.clone(),
             auth,
             transfer,
-            metrics: SshMetrics::new(registry),
+            metrics: SshMetrics::new(registry, startups.clone(), penalties.clone()),
             draining: CancellationToken::new(),
+            startups,
+            penalties,
         });
         Ok(SshServer {
             listeners,
@@ -142,7 +150,7 @@ impl SshServer {
     pub async fn run(self, shutdown: CancellationToken, grace: Duration) {
         let tracker = TaskTracker::new();
         let hard_stop = CancellationToken::new();
-        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let slots = Arc::new(Semaphore::new(self.shared.config.limits.max_connections));
         let mut accept_tasks = vec![];
         for listener in self.listeners {
             let ctx = AcceptCtx {
@@ -194,16 +202,34 @@ async fn accept_loop(listener: TcpListener, ctx: AcceptCtx, shutdown: Cancellati
                 continue;
             }
         };
+        // Refusals close the socket at once, before any SSH byte, as sshd does.
+        if ctx.shared.penalties.refused(peer.ip(), Instant::now()) {
+            ctx.shared.metrics.refused("penalty");
+            debug!(%peer, "refused: source penalised");
+            continue;
+        }
         let Ok(permit) = ctx.slots.clone().try_acquire_owned() else {
             ctx.shared.metrics.refused("max_connections");
             debug!(%peer, "refused: too many connections");
             continue;
         };
+        let ticket = match ctx
+            .shared
+            .startups
+            .admit(peer.ip(), rand::random::<u32>() % 1000)
+        {
+            Ok(t) => t,
+            Err(why) => {
+                ctx.shared.metrics.refused(why.reason());
+                debug!(%peer, reason = why.reason(), "refused: too many connections authenticating");
+                continue;
+            }
+        };
         let shared = ctx.shared.clone();
         let russh = ctx.russh.clone();
         let hard_stop = ctx.hard_stop.clone();
         ctx.tracker.spawn(async move {
-            serve_connection(stream, peer, shared, russh, hard_stop).await;
+            serve_connection(stream, peer, shared, russh, hard_stop, ticket).await;
             drop(permit);
         });
     }
@@ -215,17 +241,20 @@ async fn serve_connection(
     shared: Arc<Shared>,
     russh: Arc<russh::server::Config>,
     hard_stop: CancellationToken,
+    ticket: StartupTicket,
 ) {
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr().ok();
     let conn = Arc::new(ConnState::default());
+    conn.hold_startup(ticket);
+    let limits = &shared.config.limits;
     let handler = Connection::new(shared.clone(), peer, local, conn.clone());
     shared.metrics.connection_opened();
     let started = std::time::Instant::now();
 
     // The client's identification line must arrive within the grace time.
     let session = tokio::time::timeout(
-        LOGIN_GRACE,
+        limits.login_grace_time,
         russh::server::run_stream(russh, stream, handler),
     )
     .await;
@@ -234,16 +263,18 @@ async fn serve_connection(
         Ok(Err(e)) => {
             debug!(%peer, error = %e, "connection failed before key exchange");
             shared.metrics.connection_closed("failed");
+            penalise(&shared, peer, Offence::NoAuth);
             return;
         }
         Err(_) => {
             shared.metrics.connection_closed("grace_exceeded");
+            penalise(&shared, peer, Offence::GraceExceeded);
             return;
         }
     };
     let handle = session.handle();
     tokio::pin!(session);
-    let grace = tokio::time::sleep(LOGIN_GRACE.saturating_sub(started.elapsed()));
+    let grace = tokio::time::sleep(limits.login_grace_time.saturating_sub(started.elapsed()));
     tokio::pin!(grace);
     let mut grace_armed = true;
     let mut draining = false;
@@ -253,6 +284,11 @@ async fn serve_connection(
     let idle_close = tokio::time::sleep(Duration::from_secs(3600));
     tokio::pin!(idle_close);
     let mut idle_armed = false;
+    // Authenticated connections without channels are closed after the unused timeout; the
+    // timer is re-aimed at the idle start each time it fires early.
+    let unused_after = limits.unused_connection_timeout;
+    let unused = tokio::time::sleep(unused_after.unwrap_or(Duration::from_secs(3600)));
+    tokio::pin!(unused);
     let outcome = loop {
         tokio::select! {
             result = &mut session => {
@@ -273,6 +309,29 @@ async fn serve_connection(
                     .disconnect(russh::Disconnect::ByApplication, "login grace time exceeded".into(), "".into())
                     .await;
                 break "grace_exceeded";
+            }
+            _ = conn.auth_exhausted.notified(), if !conn.authenticated() => {
+                info!(%peer, failures = conn.auth_failures(), "too many authentication failures");
+                let _ = handle
+                    .disconnect(russh::Disconnect::NoMoreAuthMethodsAvailable, "Too many authentication failures".into(), "".into())
+                    .await;
+                let _ = tokio::time::timeout(Duration::from_secs(2), &mut session).await;
+                break "auth_tries_exceeded";
+            }
+            _ = &mut unused, if unused_after.is_some() => {
+                let timeout = unused_after.unwrap_or_default();
+                match conn.idle_since() {
+                    Some(since) if conn.authenticated() && since.elapsed() >= timeout => {
+                        info!(%peer, timeout_seconds = timeout.as_secs(), "closing unused connection");
+                        let _ = handle
+                            .disconnect(russh::Disconnect::ByApplication, "unused connection timeout".into(), "".into())
+                            .await;
+                        let _ = tokio::time::timeout(Duration::from_secs(2), &mut session).await;
+                        break "unused_timeout";
+                    }
+                    Some(since) => unused.as_mut().reset((since + timeout).into()),
+                    None => unused.as_mut().reset(tokio::time::Instant::now() + timeout),
+                }
             }
             _ = shared.draining.cancelled(), if !draining => {
                 draining = true;
@@ -307,6 +366,15 @@ async fn serve_connection(
     };
     conn.kill_all.cancel();
     shared.metrics.connection_closed(outcome);
+    match outcome {
+        "grace_exceeded" => penalise(&shared, peer, Offence::GraceExceeded),
+        "auth_tries_exceeded" => penalise(&shared, peer, Offence::AuthFailed),
+        "unauthenticated" if conn.auth_failures() > 0 => {
+            penalise(&shared, peer, Offence::AuthFailed)
+        }
+        "unauthenticated" => penalise(&shared, peer, Offence::NoAuth),
+        _ => {}
+    }
     info!(
         event = "connection_closed",
         %peer,
@@ -314,4 +382,19 @@ async fn serve_connection(
         outcome,
         duration_seconds = started.elapsed().as_secs_f64(),
     );
+}
+
+/// Record `offence` against the peer's address; say so when it starts being refused.
+fn penalise(shared: &Shared, peer: SocketAddr, offence: Offence) {
+    if let Some(period) = shared
+        .penalties
+        .penalise(peer.ip(), offence, Instant::now())
+    {
+        info!(
+            %peer,
+            offence = ?offence,
+            refused_for_seconds = period.as_secs(),
+            "source penalised: new connections refused"
+        );
+    }
 }

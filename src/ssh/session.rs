@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use russh::keys::Certificate;
 use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
@@ -19,6 +20,7 @@ use tracing::{debug, info, warn};
 use crate::escape::{escape, escape_bytes};
 use crate::ssh::auth::Grant;
 use crate::ssh::exec::{ChannelJob, Work};
+use crate::ssh::limits::StartupTicket;
 use crate::ssh::pty::{self, Pty, PtyRequest};
 use crate::ssh::server::Shared;
 use crate::transfer::scp;
@@ -45,6 +47,14 @@ pub struct ConnState {
     pub idle: Notify,
     /// Cancelled when the connection ends: kills whatever its channels still run.
     pub kill_all: CancellationToken,
+    /// Rejected authentication attempts (key probes included, as sshd counts them).
+    auth_failures: AtomicUsize,
+    /// Notified when `auth_failures` reaches `--max-auth-tries`: the connection is closed.
+    pub auth_exhausted: Notify,
+    /// Counts the connection against MaxStartups until it authenticates.
+    startup: Mutex<Option<StartupTicket>>,
+    /// When the connection last had no channel open (for the unused-connection timeout).
+    idle_since: Mutex<Option<Instant>>,
 }
 
 impl ConnState {
@@ -59,6 +69,28 @@ impl ConnState {
     pub fn open_channels(&self) -> usize {
         self.channels.load(Ordering::SeqCst)
     }
+
+    pub fn auth_failures(&self) -> usize {
+        self.auth_failures.load(Ordering::SeqCst)
+    }
+
+    /// Hold `ticket` until the connection authenticates.
+    pub fn hold_startup(&self, ticket: StartupTicket) {
+        if let Ok(mut t) = self.startup.lock() {
+            *t = Some(ticket);
+        }
+    }
+
+    /// Since when the authenticated connection has had no channel, `None` while one is open.
+    pub fn idle_since(&self) -> Option<Instant> {
+        self.idle_since.lock().ok().and_then(|t| *t)
+    }
+
+    fn set_idle_since(&self, at: Option<Instant>) {
+        if let Ok(mut t) = self.idle_since.lock() {
+            *t = at;
+        }
+    }
 }
 
 /// Counts an open session channel; dropping it ends the count and may wake a draining server.
@@ -69,6 +101,7 @@ pub struct ChannelSlot {
 impl ChannelSlot {
     fn new(conn: Arc<ConnState>) -> ChannelSlot {
         conn.channels.fetch_add(1, Ordering::SeqCst);
+        conn.set_idle_since(None);
         ChannelSlot { conn }
     }
 }
@@ -76,6 +109,7 @@ impl ChannelSlot {
 impl Drop for ChannelSlot {
     fn drop(&mut self) {
         if self.conn.channels.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.conn.set_idle_since(Some(Instant::now()));
             self.conn.idle.notify_waiters();
         }
     }
@@ -150,7 +184,16 @@ impl Connection {
         Auth::Accept
     }
 
+    /// Count a rejected attempt; past `--max-auth-tries` the server loop disconnects.
+    fn count_failure(&self) {
+        let failures = self.conn.auth_failures.fetch_add(1, Ordering::SeqCst) + 1;
+        if failures == self.shared.config.limits.max_auth_tries {
+            self.conn.auth_exhausted.notify_one();
+        }
+    }
+
     fn refuse(&self, user: &str, method: &'static str, why: &str) -> Auth {
+        self.count_failure();
         info!(event = "auth_failed", peer = %self.peer, user = %escape(user), method, reason = %escape(why));
         self.shared.metrics.auth_attempt(method, "rejected");
         Self::reject()
@@ -330,6 +373,7 @@ impl russh::server::Handler for Connection {
             Ok(Auth::Accept)
         } else {
             debug!(peer = %self.peer, user = %escape(user), "key probe refused");
+            self.count_failure();
             Ok(Self::reject())
         }
     }
@@ -372,6 +416,11 @@ impl russh::server::Handler for Connection {
 
     async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
         self.conn.authenticated.store(true, Ordering::SeqCst);
+        self.conn.set_idle_since(Some(Instant::now()));
+        // Authenticated: no longer counts against MaxStartups.
+        if let Ok(mut t) = self.conn.startup.lock() {
+            t.take();
+        }
         Ok(())
     }
 

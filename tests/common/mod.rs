@@ -2,6 +2,8 @@
 //! loopback ports with keys made in a temp dir, and build OpenSSH client commands against it.
 #![allow(dead_code)]
 
+pub mod admin;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
