@@ -94,7 +94,9 @@ def start_servers(work, client_pub):
          os.path.join(keys, "authorized_keys"), "--allow-user", ME, "--home", work,
          "--transfer-root", work, "--monitord-listen", f"127.0.0.1:{mport}",
          "--admin-listen", "off", "--log-format", "json", "--max-sessions", "128",
-         "--fsync-uploads", "false"],
+         "--fsync-uploads", "false",
+         # the same burst allowance as the sshd below (100 idle masters start at once)
+         "--max-startups", "200:30:400", "--per-source-max-startups", "199"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "warn"})
     wait_port(sp)
     sidecar = Server("tm-sidecar", sp, side, lambda: [side.pid])
