@@ -916,6 +916,15 @@ fn delete_context_monitor_mktemp() {
     assert!(diffs.contains("fe/datastores/port:"), "{diffs}");
     assert!(diffs.contains("stdout"), "{diffs}");
 
+    // A long silent step (a big qemu-img convert): OpenNebula's ServerAliveInterval makes the
+    // client probe the server; here every second, giving up after one unanswered probe.
+    let o = w.same(
+        "silent step with keepalives",
+        r#"$SSH -o ControlMaster=no -o ControlPath=none -o ServerAliveInterval=1 \
+            -o ServerAliveCountMax=1 fe 'sleep 4; echo done'"#,
+    );
+    assert_eq!((o.rc(), o.stdout()), (0, "done\n"), "{}", o.stderr());
+
     // mktemp -p on fe: the name on stdout, the file there (0600), test -f, rm -f
     let o = w.same(
         "mktemp -p",
