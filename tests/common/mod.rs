@@ -385,3 +385,55 @@ pub fn make_key(dir: &Path, name: &str) -> (PathBuf, String) {
         .expect("public key");
     (path, public)
 }
+
+impl StockSshd {
+    /// Like [`StockSshd::start`], with `extra` lines appended to the sshd_config (e.g.
+    /// `SetEnv HOME=/some/dir`, so that sessions do not read the real home's dotfiles).
+    pub fn start_with_config(authorized_keys: &str, extra: &str) -> StockSshd {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let status = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(d.join("host_key"))
+            .status()
+            .expect("ssh-keygen");
+        assert!(status.success());
+        std::fs::write(d.join("authorized_keys"), authorized_keys).unwrap();
+        let _ = std::fs::create_dir_all("/run/sshd");
+        let port = free_port();
+        let config = format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n\
+             AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nPasswordAuthentication no\n\
+             KbdInteractiveAuthentication no\nUsePAM no\nPermitRootLogin prohibit-password\n\
+             AllowAgentForwarding yes\nSubsystem sftp internal-sftp\nLogLevel ERROR\n\
+             PrintMotd no\nPrintLastLog no\nMaxSessions 64\nMaxStartups 100:30:200\n{extra}\n",
+            d = d.display()
+        );
+        std::fs::write(d.join("sshd_config"), config).unwrap();
+        let check = Command::new("/usr/sbin/sshd")
+            .arg("-t")
+            .arg("-f")
+            .arg(d.join("sshd_config"))
+            .output()
+            .expect("sshd -t (install openssh-server)");
+        assert!(
+            check.status.success(),
+            "sshd_config: {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(d.join("sshd_config"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start /usr/sbin/sshd (install openssh-server)");
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "sshd did not start listening");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        StockSshd { child, dir, port }
+    }
+}
