@@ -481,7 +481,7 @@ async fn run_process(
                 let stdin = child.stdin.take();
                 let stdout = child.stdout.take();
                 let stderr = child.stderr.take();
-                let feed = feed_stdin(input, stdin);
+                let feed = feed_stdin(input, stdin, closed);
                 let out = pump_out(stdout, tx, None, counters, metrics);
                 let err = pump_out(stderr, tx, Some(1), counters, metrics);
                 // stdin feeding may still wait for data when the child is done: don't wait for it.
@@ -498,7 +498,7 @@ async fn run_process(
                 };
                 let reader = tokio::fs::File::from_std(std::fs::File::from(r));
                 let writer = tokio::fs::File::from_std(std::fs::File::from(w));
-                let feed = feed_stdin(input, Some(writer));
+                let feed = feed_stdin(input, Some(writer), closed);
                 tokio::pin!(feed);
                 tokio::select! {
                     _ = pump_out(Some(reader), tx, None, counters, metrics) => {}
@@ -543,13 +543,23 @@ async fn spawn_failed(tx: &ChannelWriteHalf<Msg>, msg: &str) -> Outcome {
     Outcome::Status(127)
 }
 
-/// Copy channel data into the child's stdin; EOF from the client closes it.
-async fn feed_stdin<W: tokio::io::AsyncWrite + Unpin>(mut input: Input, stdin: Option<W>) {
+/// Copy channel data into the child's stdin; EOF from the client closes it. A channel closed or
+/// a connection lost without EOF leaves stdin open: the process group is killed instead, so that
+/// `cat > part && mv part dest` never sees a cut stream as a complete one.
+async fn feed_stdin<W: tokio::io::AsyncWrite + Unpin>(
+    mut input: Input,
+    stdin: Option<W>,
+    closed: &CancellationToken,
+) {
     let Some(mut stdin) = stdin else { return };
     while let Some(chunk) = input.data.recv().await {
         if stdin.write_all(&chunk).await.is_err() {
             return; // child closed its stdin; the input task discards the rest
         }
+    }
+    if closed.is_cancelled() {
+        // the input task cancels `closed` before it drops the sender: not an EOF
+        std::future::pending::<()>().await;
     }
     let _ = stdin.shutdown().await;
 }
