@@ -244,8 +244,10 @@ fn authorized_keys_reload_on_change_and_on_sighup() {
     open_out.read_to_string(&mut rest).unwrap();
     assert_eq!(rest, "got hello\n");
     assert!(wait_timeout(&mut open, T).unwrap().success());
-    // a broken new file keeps the old keys
+    // a broken new file (a directory in its place) keeps the old keys; a deleted one revokes
+    // them (tests/faults.rs)
     std::fs::remove_file(&ak).unwrap();
+    std::fs::create_dir(&ak).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
     s.logs
         .wait_for(T, |l| l.contains("reload failed"))

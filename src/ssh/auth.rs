@@ -171,6 +171,13 @@ fn read_authorized_keys(path: &Path) -> Result<Vec<Line>> {
         .collect())
 }
 
+fn is_not_found(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+    })
+}
+
 /// A TrustedUserCAKeys file: one public key per line (`keytype base64 [comment]`), blank lines
 /// and `#` comments ignored, bad lines logged and skipped.
 fn read_trusted_cas(path: &Path) -> Result<Vec<TrustedCa>> {
@@ -207,7 +214,7 @@ fn read_trusted_cas(path: &Path) -> Result<Vec<TrustedCa>> {
 impl AuthPolicy {
     /// Read every authorized_keys file and the trusted CA keys.
     pub fn load(config: &Config) -> Result<AuthPolicy> {
-        let loaded = Self::read(config)?;
+        let loaded = Self::read(config, false)?;
         Ok(AuthPolicy {
             inner: Arc::new(RwLock::new(Arc::new(loaded))),
             allow_users: Arc::new(config.allow_users.clone()),
@@ -215,10 +222,17 @@ impl AuthPolicy {
         })
     }
 
-    fn read(config: &Config) -> Result<Loaded> {
+    /// `reloading`: an authorized_keys file that no longer exists grants nothing (sshd reads
+    /// the file at each login, so deleting it revokes its keys); at startup it is an error.
+    fn read(config: &Config, reloading: bool) -> Result<Loaded> {
         let mut lines = vec![];
         for path in &config.authorized_keys {
-            lines.extend(read_authorized_keys(path)?);
+            match read_authorized_keys(path) {
+                Err(e) if reloading && is_not_found(&e) => {
+                    warn!(file = %path.display(), "authorized_keys file is gone: its keys are revoked")
+                }
+                read => lines.extend(read?),
+            }
         }
         let trusted_cas = match &config.trusted_user_ca_keys {
             Some(path) => read_trusted_cas(path)?,
@@ -231,9 +245,10 @@ impl AuthPolicy {
         })
     }
 
-    /// Re-read the files; on error the previous set stays in force.
+    /// Re-read the files; on error (an unreadable or broken file) the previous set stays in
+    /// force, but a deleted authorized_keys file revokes its keys.
     pub fn reload(&self) -> Result<()> {
-        let loaded = Arc::new(Self::read(&self.sources)?);
+        let loaded = Arc::new(Self::read(&self.sources, true)?);
         match self.inner.write() {
             Ok(mut guard) => *guard = loaded,
             Err(poisoned) => *poisoned.into_inner() = loaded,
@@ -795,13 +810,21 @@ mod tests {
                 .authorize_key(ALICE, a.public_key(), peer(LOCAL))
                 .is_none()
         );
-        // A failed reload keeps the previous set.
+        // A failed reload (here: a directory in the file's place) keeps the previous set.
         std::fs::remove_file(&f.config.authorized_keys[0]).unwrap();
+        std::fs::create_dir(&f.config.authorized_keys[0]).unwrap();
         let err = format!("{:#}", p.reload().unwrap_err());
         assert!(err.contains("--authorized-keys"), "{err}");
         assert!(
             p.authorize_key(ALICE, b.public_key(), peer(LOCAL))
                 .is_some()
+        );
+        // A deleted file revokes its keys, as under sshd.
+        std::fs::remove_dir(&f.config.authorized_keys[0]).unwrap();
+        p.reload().unwrap();
+        assert!(
+            p.authorize_key(ALICE, b.public_key(), peer(LOCAL))
+                .is_none()
         );
         // Missing files at load name the flag and the path.
         let err = format!("{:#}", AuthPolicy::load(&f.config).err().unwrap());
