@@ -7,6 +7,7 @@
 //! - [`monitord`]: the monitord relay on 4124 TCP+UDP
 //! - [`admin`]: HTTP health, readiness, metrics and the host table
 //! - [`collect`]: scrape-time metrics (process figures)
+//! - [`resources`]: open-files limit, returning freed memory
 //! - [`keys`]: host keys and `keygen`
 
 pub mod admin;
@@ -16,5 +17,6 @@ pub mod escape;
 pub mod keys;
 pub mod logging;
 pub mod monitord;
+pub mod resources;
 pub mod ssh;
 pub mod transfer;

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use tm_sidecar::config::{Config, Settings};
-use tm_sidecar::{admin, collect, keys, logging, monitord, ssh, transfer};
+use tm_sidecar::{admin, collect, keys, logging, monitord, resources, ssh, transfer};
 
 /// SSH transfer-manager and monitord sidecar for OpenNebula front-ends on Kubernetes.
 ///
@@ -131,6 +131,7 @@ async fn serve(settings: Settings) -> Result<ExitCode> {
     let config = Config::load(settings)?;
     logging::init(config.log_format);
     config.check_paths()?;
+    resources::raise_open_files_limit(config.limits.max_connections);
 
     let mut registry = prometheus_client::registry::Registry::with_prefix("tm_sidecar");
     registry.register_collector(Box::new(collect::ProcessCollector::new()));
@@ -175,6 +176,7 @@ async fn serve(settings: Settings) -> Result<ExitCode> {
         .cloned()
         .collect();
     tokio::spawn(ssh::reload::watch(auth, watched, shutdown.clone()));
+    tokio::spawn(resources::return_freed_memory(shutdown.clone()));
 
     signals.next().await;
     info!(
