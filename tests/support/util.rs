@@ -350,3 +350,42 @@ pub fn feed_and_hold(
     });
     tx
 }
+
+/// Datagrams the kernel dropped for the UDP sockets bound to local `port` (receive buffer full),
+/// from the last column of /proc/net/udp.
+pub fn udp_drops(port: u16) -> u64 {
+    let want = format!(":{port:04X}");
+    std::fs::read_to_string("/proc/net/udp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 12 && f[1].ends_with(&want)).then(|| f[12].parse::<u64>().unwrap_or(0))
+        })
+        .sum()
+}
+
+/// Set this process's soft RLIMIT_NOFILE (the hard limit stays).
+pub fn set_nofile_soft(v: u64) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let cur = getrlimit(Resource::Nofile);
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(cur.maximum.map_or(v, |m| m.min(v))),
+            maximum: cur.maximum,
+        },
+    )
+    .expect("setrlimit");
+}
+
+/// The soft "Max open files" of a process, from /proc/PID/limits.
+pub fn nofile_soft_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/limits"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .unwrap_or(0)
+}
