@@ -228,7 +228,7 @@ pub struct Settings {
     pub per_source_penalties: Option<bool>,
 
     /// Client input (stdin of commands, uploads) queued in memory, all channels together, in MiB;
-    /// past it, connections wait for consumers to catch up [default: 128].
+    /// past it, connections wait for consumers to catch up [default: 32].
     #[arg(long, env = "TM_SIDECAR_MAX_INPUT_BUFFER_MIB", value_name = "MIB")]
     pub max_input_buffer_mib: Option<usize>,
 
@@ -574,7 +574,7 @@ impl Config {
                 LogFormat::Json
             }
         });
-        let max_input_buffer_mib = s.max_input_buffer_mib.unwrap_or(128);
+        let max_input_buffer_mib = s.max_input_buffer_mib.unwrap_or(32);
         if !(1..=65536).contains(&max_input_buffer_mib) {
             bail!("--max-input-buffer-mib must be between 1 and 65536");
         }
