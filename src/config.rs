@@ -227,6 +227,11 @@ pub struct Settings {
     #[arg(long, env = "TM_SIDECAR_PER_SOURCE_PENALTIES")]
     pub per_source_penalties: Option<bool>,
 
+    /// Client input (stdin of commands, uploads) queued in memory, all channels together, in MiB;
+    /// past it, connections wait for consumers to catch up [default: 32].
+    #[arg(long, env = "TM_SIDECAR_MAX_INPUT_BUFFER_MIB", value_name = "MIB")]
+    pub max_input_buffer_mib: Option<usize>,
+
     /// Networks never penalised, comma-separated or repeated; `none` penalises loopback too
     /// [default: 127.0.0.0/8,::1/128].
     #[arg(
@@ -256,7 +261,7 @@ impl Settings {
                  shutdown_grace, max_sessions, permit_user_environment, fsync_uploads,
                  client_alive_interval, client_alive_count_max, max_connections, max_startups,
                  per_source_max_startups, login_grace_time, max_auth_tries,
-                 unused_connection_timeout, per_source_penalties;
+                 unused_connection_timeout, per_source_penalties, max_input_buffer_mib;
             vec: ssh_listen, host_key, authorized_keys, allow_user, transfer_root,
                  monitord_listen, penalty_exempt);
     }
@@ -323,6 +328,7 @@ pub struct Config {
     #[serde(with = "secs")]
     pub client_alive_interval: Duration,
     pub client_alive_count_max: usize,
+    pub max_input_buffer_mib: usize,
     pub limits: SshLimits,
 }
 
@@ -568,6 +574,10 @@ impl Config {
                 LogFormat::Json
             }
         });
+        let max_input_buffer_mib = s.max_input_buffer_mib.unwrap_or(32);
+        if !(1..=65536).contains(&max_input_buffer_mib) {
+            bail!("--max-input-buffer-mib must be between 1 and 65536");
+        }
         let max_sessions = s.max_sessions.unwrap_or(64);
         if max_sessions == 0 {
             bail!("--max-sessions must be at least 1");
@@ -592,6 +602,7 @@ impl Config {
             fsync_uploads: s.fsync_uploads.unwrap_or(true),
             client_alive_interval: Duration::from_secs(s.client_alive_interval.unwrap_or(15)),
             client_alive_count_max: s.client_alive_count_max.unwrap_or(3),
+            max_input_buffer_mib,
             limits,
         })
     }

@@ -263,3 +263,30 @@ fn bad_limit_flags_stop_the_start_naming_the_flag() {
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn a_tiny_input_budget_slows_uploads_down_but_loses_nothing() {
+    // Every queued input byte holds a share of --max-input-buffer-mib: with 1 MiB for the whole
+    // process, four parallel 24 MiB uploads take turns and all arrive intact.
+    let s = Sidecar::start_with(&["--max-input-buffer-mib", "1"]);
+    let data: Vec<u8> = (0..24u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let src = s.dir.path().join("src");
+    std::fs::write(&src, &data).unwrap();
+    let children: Vec<_> = (0..4)
+        .map(|i| {
+            s.ssh(&[&format!("cat > {}/up{i}", s.root.display())])
+                .stdin(std::fs::File::open(&src).unwrap())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (i, mut c) in children.into_iter().enumerate() {
+        assert!(wait_timeout(&mut c, T).expect("upload finished").success());
+        assert!(
+            std::fs::read(s.root.join(format!("up{i}"))).unwrap() == data,
+            "up{i}"
+        );
+    }
+}

@@ -5,6 +5,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::admin::scrape_value;
 use common::{Sidecar, run, wait_timeout};
 
 const T: Duration = Duration::from_secs(120);
@@ -136,16 +137,18 @@ fn sessions_past_the_cap_are_refused_cleanly() {
         .stdin(Stdio::piped())
         .spawn()
         .unwrap();
-    // Once both hold their slots, a third session is refused (poll: they start async).
+    // Once both hold their slots (they start asynchronously: wait for the server to count
+    // them, so that no probe races them for a slot), a third session is refused.
     let deadline = std::time::Instant::now() + T;
-    loop {
-        let probe = run(&mut via(&ctl, "true"), T);
-        if !probe.status.success() {
-            // refused: the cap is in force
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline);
+    while scrape_value(&s, "tm_sidecar_ssh_channels_active", &[("kind", "exec")]) < 2.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sessions did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    let probe = run(&mut via(&ctl, "true"), T);
+    assert!(!probe.status.success(), "a third session got through");
     assert!(
         s.logs
             .lines()

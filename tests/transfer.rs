@@ -564,3 +564,46 @@ fn full_filesystem_gives_a_clear_error_and_no_temp_file() {
         );
     }
 }
+
+#[test]
+fn scp_follows_absolute_links_that_stay_inside_the_roots() {
+    // OpenNebula's `ln` leaves `<system ds>/<vm>/disk.0 -> /<image ds>/<hash>` (absolute), and
+    // datastores are often links to mounts; both must work when the target is inside a root.
+    let mount = tempfile::tempdir().unwrap();
+    let s = common::Sidecar::start_with(&["--transfer-root", &mount.path().display().to_string()]);
+    std::fs::create_dir_all(s.root.join("1")).unwrap();
+    std::fs::create_dir_all(s.root.join("0/5")).unwrap();
+    std::fs::create_dir_all(mount.path().join("100")).unwrap();
+    write_random(&s.root.join("1/abcd"), 300_000, 7);
+    std::os::unix::fs::symlink(s.root.join("1/abcd"), s.root.join("0/5/disk.0")).unwrap();
+    std::os::unix::fs::symlink(mount.path().join("100"), s.root.join("100")).unwrap();
+    let local = tempfile::tempdir().unwrap();
+    for mode in MODES {
+        let name = mode_name(mode);
+        let back = local.path().join(format!("disk-{name}"));
+        scp_ok(
+            &s,
+            mode,
+            &[
+                &s.remote(rpath(mode, &s.root.join("0/5/disk.0"))),
+                &back.display().to_string(),
+            ],
+        );
+        assert_eq!(sha256(&back), sha256(&s.root.join("1/abcd")), "{name}");
+        // upload into the linked datastore lands on the mount
+        scp_ok(
+            &s,
+            mode,
+            &[
+                &back.display().to_string(),
+                &s.remote(rpath(mode, &s.root.join(format!("100/{name}")))),
+            ],
+        );
+        assert_eq!(
+            sha256(&mount.path().join(format!("100/{name}"))),
+            sha256(&back),
+            "{name}"
+        );
+    }
+    assert!(hidden_files(&mount.path().join("100")).is_empty());
+}

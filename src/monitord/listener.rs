@@ -19,13 +19,15 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::metrics::Metrics;
-use super::relay::{TcpQueue, UdpForwarder};
+use super::relay::{ForwardBatch, TcpQueue, UdpForwarder};
 use super::state::{HostTable, Recorded, Update};
 use super::wire::{DecodeOptions, Decoder, Reject, Transport};
 use crate::escape::escape_bytes;
 
 /// UDP receive buffer: onemonitord accepts `0 < n < 65536`.
 pub const UDP_BUF: usize = 65536;
+/// Datagrams handled per wake-up before forwarding them together.
+const UDP_BURST: usize = 64;
 
 /// Per-source token bucket (messages per second, burst of one second's worth).
 pub struct RateLimiter {
@@ -190,37 +192,53 @@ pub async fn udp_loop(sock: Arc<UdpSocket>, p: Arc<Pipeline>, stop: Cancellation
         None => None,
     };
     let cap = p.max_message_bytes.min(UDP_BUF - 1);
+    // Datagrams are drained in bursts without waiting, then forwarded with one sendmmsg per
+    // burst: one syscall and one wake-up of onemonitord per burst instead of per message.
+    let mut batch = ForwardBatch::default();
     loop {
-        let (n, peer) = tokio::select! {
+        tokio::select! {
             biased;
             _ = stop.cancelled() => return,
-            r = sock.recv_from(&mut buf) => match r {
+            r = sock.readable() => if let Err(e) = r {
+                debug!(error = %e, "monitord: UDP socket error");
+                continue;
+            },
+        }
+        for _ in 0..UDP_BURST {
+            let (n, peer) = match sock.try_recv_from(&mut buf) {
                 Ok(v) => v,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     // ICMP errors and the like; the socket stays usable.
                     debug!(error = %e, "monitord: UDP receive error");
                     continue;
                 }
-            },
-        };
-        if !p.limiter.allow(peer.ip(), Instant::now()) {
-            p.reject(Transport::Udp, Reject::RateLimited, peer, &[]);
-            continue;
+            };
+            if !p.limiter.allow(peer.ip(), Instant::now()) {
+                p.reject(Transport::Udp, Reject::RateLimited, peer, &[]);
+                continue;
+            }
+            if n == 0 {
+                p.reject(Transport::Udp, Reject::Empty, peer, &[]);
+                continue;
+            }
+            if n > cap {
+                p.reject(Transport::Udp, Reject::TooLarge, peer, &buf[..n.min(120)]);
+                continue;
+            }
+            let msg = &buf[..n];
+            if p.process(Transport::Udp, &mut decoder, peer, msg).is_some() && forwarder.is_some() {
+                batch.push(msg);
+            }
         }
-        if n == 0 {
-            p.reject(Transport::Udp, Reject::Empty, peer, &[]);
-            continue;
-        }
-        if n > cap {
-            p.reject(Transport::Udp, Reject::TooLarge, peer, &buf[..n.min(120)]);
-            continue;
-        }
-        let msg = &buf[..n];
-        if p.process(Transport::Udp, &mut decoder, peer, msg).is_some()
-            && let Some(f) = &forwarder
+        if let Some(f) = &forwarder
+            && !batch.is_empty()
         {
-            f.forward(msg);
+            f.forward_batch(&batch);
         }
+        batch.clear();
+        // Let the TCP side and the other tasks run between bursts.
+        tokio::task::yield_now().await;
     }
 }
 

@@ -8,11 +8,12 @@
 //!   exponential backoff. Listeners never wait for the upstream.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use rustix::net::{MMsgHdr, SendAncillaryBuffer, SendFlags};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -43,6 +44,47 @@ impl UdpForwarder {
         Ok(UdpForwarder { sock, metrics })
     }
 
+    /// Send a batch of datagrams, in order, with as few `sendmmsg` calls as the kernel allows;
+    /// never blocks. Datagrams the socket buffer cannot take are counted as dropped.
+    pub fn forward_batch(&self, batch: &ForwardBatch) {
+        let n = batch.len();
+        let mut sent = 0;
+        while sent < n {
+            let iovs: Vec<[IoSlice<'_>; 1]> =
+                (sent..n).map(|i| [IoSlice::new(batch.get(i))]).collect();
+            let mut controls: Vec<SendAncillaryBuffer<'_, '_, '_>> = iovs
+                .iter()
+                .map(|_| SendAncillaryBuffer::default())
+                .collect();
+            let mut headers: Vec<MMsgHdr<'_>> = iovs
+                .iter()
+                .zip(controls.iter_mut())
+                .map(|(iov, control)| MMsgHdr::new(iov, control))
+                .collect();
+            match rustix::net::sendmmsg(&self.sock, &mut headers, SendFlags::empty()) {
+                Ok(0) => break,
+                Ok(k) => {
+                    for _ in 0..k {
+                        self.metrics.forward(Transport::Udp, Forward::Ok);
+                    }
+                    sent += k;
+                }
+                Err(e) if e == rustix::io::Errno::INTR => continue,
+                Err(e) => {
+                    // The first unsent datagram failed: count it and go on with the rest.
+                    let result = if e == rustix::io::Errno::AGAIN {
+                        Forward::Dropped
+                    } else {
+                        debug!(error = %e, "monitord: UDP forward failed");
+                        Forward::Error
+                    };
+                    self.metrics.forward(Transport::Udp, result);
+                    sent += 1;
+                }
+            }
+        }
+    }
+
     /// Send one datagram; never blocks.
     pub fn forward(&self, msg: &[u8]) {
         let result = match self.sock.send(msg) {
@@ -54,6 +96,38 @@ impl UdpForwarder {
             }
         };
         self.metrics.forward(Transport::Udp, result);
+    }
+}
+
+/// Datagrams received in one burst, waiting to be forwarded together.
+#[derive(Default)]
+pub struct ForwardBatch {
+    data: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl ForwardBatch {
+    pub fn push(&mut self, msg: &[u8]) {
+        self.data.extend_from_slice(msg);
+        self.ends.push(self.data.len());
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.data.clear();
+        self.ends.clear();
+    }
+
+    fn get(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.data[start..self.ends[i]]
     }
 }
 

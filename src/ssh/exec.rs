@@ -7,7 +7,8 @@
 //! channel). russh acknowledges the SSH window as data arrives, not as it is consumed, and its
 //! session loop blocks when any channel's queue is full; draining here keeps one slow consumer
 //! (a child that does not read its stdin) from freezing the other channels of the connection
-//! until that bound is reached.
+//! until that bound is reached. All queues together hold at most `--max-input-buffer-mib`
+//! (a process-wide byte budget), so many channels cannot grow memory without bound.
 
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
@@ -21,7 +22,7 @@ use bytes::{Bytes, BytesMut};
 use russh::server::Msg;
 use russh::{Channel, ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Sig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -122,6 +123,7 @@ pub async fn run(job: ChannelJob) {
         rx,
         counters.clone(),
         shared.metrics.clone(),
+        shared.input_budget.clone(),
         closed.clone(),
         signals.clone(),
     );
@@ -331,7 +333,13 @@ fn kill_group(pgid: i32, signal: i32) {
 
 /// The client → server side of a channel, drained by its own task.
 struct Input {
-    data: mpsc::Receiver<Bytes>,
+    data: mpsc::Receiver<Queued>,
+}
+
+/// A packet waiting for its consumer, holding its share of the process-wide input budget.
+struct Queued {
+    data: Bytes,
+    _budget: Option<OwnedSemaphorePermit>,
 }
 
 impl Input {
@@ -340,7 +348,7 @@ impl Input {
         let stream = futures::stream::unfold(self.data, |mut rx| async move {
             rx.recv()
                 .await
-                .map(|b| (Ok::<Bytes, std::io::Error>(b), rx))
+                .map(|q| (Ok::<Bytes, std::io::Error>(q.data), rx))
         });
         tokio_util::io::StreamReader::new(Box::pin(stream))
     }
@@ -350,10 +358,11 @@ fn spawn_input(
     mut rx: ChannelReadHalf,
     counters: Arc<Counters>,
     metrics: SshMetrics,
+    budget: Arc<Semaphore>,
     closed: CancellationToken,
     signals: Arc<SignalTarget>,
 ) -> Input {
-    let (data_tx, data_rx) = mpsc::channel::<Bytes>(INPUT_QUEUE_PACKETS);
+    let (data_tx, data_rx) = mpsc::channel::<Queued>(INPUT_QUEUE_PACKETS);
     tokio::spawn(async move {
         let mut data_tx = Some(data_tx);
         loop {
@@ -364,8 +373,16 @@ fn spawn_input(
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
                     metrics.bytes_in(data.len());
                     if let Some(tx) = &data_tx {
+                        // Wait for room in the process-wide budget (this back-pressures the
+                        // connection, as a full queue does). Closed only at shutdown.
+                        let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
+                        let permit = budget.clone().acquire_many_owned(n).await.ok();
+                        let queued = Queued {
+                            data,
+                            _budget: permit,
+                        };
                         // An error means the consumer is gone (child closed stdin): discard.
-                        if tx.send(data).await.is_err() {
+                        if tx.send(queued).await.is_err() {
                             data_tx = None;
                         }
                     }
@@ -553,7 +570,9 @@ async fn feed_stdin<W: tokio::io::AsyncWrite + Unpin>(
 ) {
     let Some(mut stdin) = stdin else { return };
     while let Some(chunk) = input.data.recv().await {
-        if stdin.write_all(&chunk).await.is_err() {
+        let Queued { data, _budget } = chunk;
+        drop(_budget);
+        if stdin.write_all(&data).await.is_err() {
             return; // child closed its stdin; the input task discards the rest
         }
     }

@@ -38,6 +38,8 @@ pub struct Shared {
     pub startups: Arc<Startups>,
     /// Sources refused for misbehaving (PerSourcePenalties).
     pub penalties: Arc<Penalties>,
+    /// Bytes of client input queued for consumers, all channels together.
+    pub input_budget: Arc<Semaphore>,
 }
 
 /// Bound SSH listeners, ready to run.
@@ -78,7 +80,9 @@ fn russh_config(config: &Config, host_keys: Vec<PrivateKey>) -> russh::server::C
         keys: host_keys,
         window_size: 8 << 20,
         maximum_packet_size: 65535,
-        channel_buffer_size: 256,
+        // Each channel's input task drains this at once into its own queue (exec.rs), so a
+        // short buffer suffices and keeps russh's share of per-channel memory small.
+        channel_buffer_size: 32,
         event_buffer_size: 64,
         preferred: russh::Preferred {
             cipher: Cow::Borrowed(CIPHERS),
@@ -124,6 +128,7 @@ impl SshServer {
             draining: CancellationToken::new(),
             startups,
             penalties,
+            input_budget: Arc::new(Semaphore::new(config.max_input_buffer_mib << 20)),
         });
         Ok(SshServer {
             listeners,

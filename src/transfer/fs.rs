@@ -4,7 +4,9 @@
 //! paths by component prefix, relative paths after joining them to `--home`), then opened by the
 //! kernel with `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)` relative to that root's
 //! directory fd. `..` and symlinks can therefore never leave the root: the kernel refuses with
-//! `EXDEV`, which we turn into "permission denied" plus a log line. Operations on a final name
+//! `EXDEV`, which we turn into "permission denied" plus a log line — unless the escape was an
+//! absolute symlink whose target lies inside a root, which is then followed by mapping the
+//! target into that root (see [`Roots::open_beneath`]). Operations on a final name
 //! (mkdir, unlink, rename, link...) open the *parent* beneath the root and use the `*at` syscall
 //! with a single component, so a symlink in the last position is never followed.
 //!
@@ -88,6 +90,8 @@ impl Located {
 }
 
 const RESOLVE: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_MAGICLINKS);
+/// Absolute symlinks into a root followed on one path at most (the kernel allows 40 links).
+const MAX_ABSOLUTE_LINKS: usize = 8;
 
 pub fn errno(e: rustix::io::Errno) -> io::Error {
     io::Error::from_raw_os_error(e.raw_os_error())
@@ -267,8 +271,71 @@ impl Roots {
         errno(e)
     }
 
-    /// openat2 beneath the root of `loc`.
+    /// openat2 beneath the root of `loc`. An absolute symlink on the way that points into a
+    /// root (the same or another: OpenNebula's `ln` links, datastores linked to mounts that are
+    /// roots themselves) is followed by mapping its target into that root and opening again
+    /// beneath it; anything else leaving the roots stays refused.
     pub fn open_beneath(&self, loc: &Located, flags: OFlags, mode: u32) -> io::Result<OwnedFd> {
+        let mut loc = std::borrow::Cow::Borrowed(loc);
+        for _ in 0..MAX_ABSOLUTE_LINKS {
+            match self.open_beneath_once(&loc, flags, mode) {
+                Err(rustix::io::Errno::XDEV) => match self.reroute(&loc, flags) {
+                    Some(next) => loc = std::borrow::Cow::Owned(next),
+                    None => break,
+                },
+                r => return r.map_err(errno),
+            }
+        }
+        Err(self.escaped(&loc, rustix::io::Errno::XDEV))
+    }
+
+    /// Where `loc` leads when its first absolute symlink is replaced by its target, if that
+    /// target lies inside a root. `None` when nothing of the kind is on the path (a `..` or a
+    /// relative link escaping), which leaves the refusal in place.
+    fn reroute(&self, loc: &Located, flags: OFlags) -> Option<Located> {
+        let last = loc.comps.len();
+        for i in 1..=last {
+            // The final component is followed only when the open would follow it.
+            if i == last && flags.contains(OFlags::NOFOLLOW) {
+                return None;
+            }
+            let prefix = Located {
+                root: loc.root,
+                comps: loc.comps[..i].to_vec(),
+                display: loc.display.clone(),
+            };
+            let fd = self
+                .open_beneath_once(&prefix, OFlags::PATH | OFlags::NOFOLLOW, 0)
+                .ok()?;
+            let st = rustix::fs::fstat(&fd).ok()?;
+            if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
+                continue;
+            }
+            let target = rustix::fs::readlinkat(&fd, "", Vec::new())
+                .ok()?
+                .into_bytes();
+            if target.first() != Some(&b'/') {
+                // Relative links are the kernel's business (beneath the root).
+                continue;
+            }
+            let mut path = target;
+            for c in &loc.comps[i..] {
+                path.push(b'/');
+                path.extend_from_slice(c);
+            }
+            let mut next = self.locate(&path).ok()?;
+            next.display = loc.display.clone();
+            return Some(next);
+        }
+        None
+    }
+
+    fn open_beneath_once(
+        &self,
+        loc: &Located,
+        flags: OFlags,
+        mode: u32,
+    ) -> rustix::io::Result<OwnedFd> {
         let rel = loc.rel();
         // openat2 is strict: O_PATH allows only O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC.
         let extra = if flags.contains(OFlags::PATH) {
@@ -290,7 +357,6 @@ impl Roots {
                 RESOLVE,
             )
         })
-        .map_err(|e| self.escaped(loc, e))
     }
 
     /// An `O_PATH` fd for `loc`; `follow` decides whether a final symlink is followed (beneath).
@@ -861,6 +927,52 @@ mod tests {
         let mut sib = p(&root);
         sib.extend_from_slice(b"2/x");
         assert!(is_denied(&roots.locate(&sib).unwrap_err()));
+    }
+
+    #[test]
+    fn absolute_symlinks_into_a_root_are_followed_beneath_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = dir.path().join("datastores");
+        let mount = dir.path().join("mnt");
+        std::fs::create_dir_all(ds.join("1")).unwrap();
+        std::fs::create_dir_all(ds.join("0/5")).unwrap();
+        std::fs::create_dir_all(mount.join("100")).unwrap();
+        std::fs::write(ds.join("1/img"), b"image").unwrap();
+        std::fs::write(mount.join("100/img"), b"mounted").unwrap();
+        std::fs::write(dir.path().join("secret"), b"secret").unwrap();
+        // OpenNebula `ln`: an absolute link from the system datastore into an image datastore
+        std::os::unix::fs::symlink(ds.join("1/img"), ds.join("0/5/disk.0")).unwrap();
+        // a datastore that is a link to a mount, itself a root
+        std::os::unix::fs::symlink(mount.join("100"), ds.join("100")).unwrap();
+        // links that lead out, or round
+        std::os::unix::fs::symlink(dir.path().join("secret"), ds.join("out")).unwrap();
+        std::os::unix::fs::symlink(ds.join("100/../../secret"), ds.join("up")).unwrap();
+        std::os::unix::fs::symlink(ds.join("round"), ds.join("round")).unwrap();
+        let roots = Roots::open(&[ds.clone(), mount.clone()], dir.path()).unwrap();
+        let read = |path: &Path| -> io::Result<Vec<u8>> {
+            let mut f = roots.open_read(&roots.locate(&p(path))?)?;
+            let mut v = vec![];
+            std::io::Read::read_to_end(&mut f, &mut v)?;
+            Ok(v)
+        };
+        assert_eq!(read(&ds.join("0/5/disk.0")).unwrap(), b"image");
+        assert_eq!(read(&ds.join("100/img")).unwrap(), b"mounted");
+        assert!(is_denied(&read(&ds.join("out")).unwrap_err()));
+        assert!(is_denied(&read(&ds.join("up")).unwrap_err()));
+        assert!(read(&ds.join("round")).is_err());
+        // the final link is not followed where the operation says so
+        let loc = roots.locate(&p(&ds.join("0/5/disk.0"))).unwrap();
+        assert!(roots.stat(&loc, false).unwrap().st_mode & libc::S_IFMT == libc::S_IFLNK);
+        // an upload through a linked datastore lands in the mount, atomically
+        let loc = roots.locate(&p(&ds.join("100/new"))).unwrap();
+        let mut up = roots.create_upload(&loc, 0o644, false).unwrap();
+        up.write_at(b"uploaded", 0).unwrap();
+        up.commit().unwrap();
+        assert_eq!(std::fs::read(mount.join("100/new")).unwrap(), b"uploaded");
+        // with the mount not a root, the linked datastore is out of reach
+        let only_ds = Roots::open(std::slice::from_ref(&ds), dir.path()).unwrap();
+        let loc = only_ds.locate(&p(&ds.join("100/img"))).unwrap();
+        assert!(is_denied(&only_ds.open_read(&loc).unwrap_err()));
     }
 
     #[test]
