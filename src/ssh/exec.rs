@@ -492,13 +492,16 @@ async fn run_process(
     };
     signals.set(pid);
 
+    // The child's stdin lives out here, not in `pumps`: `select!` drops the losing futures
+    // before it runs a branch, and closing stdin there would hand the command an EOF (and let
+    // `cat > part && mv part dest` commit a cut stream) just before the kill below.
+    let mut stdin = child.stdin.take();
     let pumps = async {
         match pty_master {
             None => {
-                let stdin = child.stdin.take();
                 let stdout = child.stdout.take();
                 let stderr = child.stderr.take();
-                let feed = feed_stdin(input, stdin, closed);
+                let feed = feed_stdin(input, &mut stdin, closed);
                 let out = pump_out(stdout, tx, None, counters, metrics);
                 let err = pump_out(stderr, tx, Some(1), counters, metrics);
                 // stdin feeding may still wait for data when the child is done: don't wait for it.
@@ -514,8 +517,8 @@ async fn run_process(
                     return;
                 };
                 let reader = tokio::fs::File::from_std(std::fs::File::from(r));
-                let writer = tokio::fs::File::from_std(std::fs::File::from(w));
-                let feed = feed_stdin(input, Some(writer), closed);
+                let mut writer = Some(tokio::fs::File::from_std(std::fs::File::from(w)));
+                let feed = feed_stdin(input, &mut writer, closed);
                 tokio::pin!(feed);
                 tokio::select! {
                     _ = pump_out(Some(reader), tx, None, counters, metrics) => {}
@@ -526,14 +529,17 @@ async fn run_process(
         }
     };
     tokio::select! {
-        _ = pumps => {}
+        // the outputs are closed: stop feeding (the child may be gone, or not read any more)
+        _ = pumps => drop(stdin.take()),
         _ = closed.cancelled() => {
             kill_group(pid, libc::SIGKILL);
+            drop(stdin.take());
             let _ = child.wait().await;
             return Outcome::Abandoned;
         }
         _ = kill_all.cancelled() => {
             kill_group(pid, libc::SIGKILL);
+            drop(stdin.take());
         }
     }
     let status = tokio::select! {
@@ -560,15 +566,16 @@ async fn spawn_failed(tx: &ChannelWriteHalf<Msg>, msg: &str) -> Outcome {
     Outcome::Status(127)
 }
 
-/// Copy channel data into the child's stdin; EOF from the client closes it. A channel closed or
-/// a connection lost without EOF leaves stdin open: the process group is killed instead, so that
-/// `cat > part && mv part dest` never sees a cut stream as a complete one.
+/// Copy channel data into the child's stdin; EOF from the client closes it (takes it out of
+/// `slot`). A channel closed or a connection lost without EOF leaves stdin open: the process
+/// group is killed instead, so that `cat > part && mv part dest` never sees a cut stream as a
+/// complete one.
 async fn feed_stdin<W: tokio::io::AsyncWrite + Unpin>(
     mut input: Input,
-    stdin: Option<W>,
+    slot: &mut Option<W>,
     closed: &CancellationToken,
 ) {
-    let Some(mut stdin) = stdin else { return };
+    let Some(stdin) = slot.as_mut() else { return };
     while let Some(chunk) = input.data.recv().await {
         let Queued { data, _budget } = chunk;
         drop(_budget);
@@ -581,6 +588,7 @@ async fn feed_stdin<W: tokio::io::AsyncWrite + Unpin>(
         std::future::pending::<()>().await;
     }
     let _ = stdin.shutdown().await;
+    *slot = None;
 }
 
 /// Copy a child's output to the channel (stdout as data, stderr as extended data 1).
