@@ -7,7 +7,7 @@
 //! - [`monitord`]: the monitord relay on 4124 TCP+UDP
 //! - [`admin`]: HTTP health, readiness, metrics and the host table
 //! - [`collect`]: scrape-time metrics (process figures)
-//! - [`resources`]: open-files limit, returning freed memory
+//! - [`resources`]: the open-files limit
 //! - [`keys`]: host keys and `keygen`
 
 pub mod admin;

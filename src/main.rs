@@ -190,7 +190,6 @@ async fn serve(settings: Settings) -> Result<ExitCode> {
         .cloned()
         .collect();
     tokio::spawn(ssh::reload::watch(auth, watched, shutdown.clone()));
-    tokio::spawn(resources::return_freed_memory(shutdown.clone()));
 
     signals.next().await;
     info!(

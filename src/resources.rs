@@ -1,9 +1,7 @@
 //! Process-wide resources of a server that keeps every connection in one process (sshd forks one
-//! per connection): the open-files limit, and giving freed memory back to the system.
+//! per connection): the open-files limit. (Freed memory goes back to the system through
+//! jemalloc's background purging, set up in main.rs.)
 
-use std::time::Duration;
-
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 /// Descriptors a connection needs (its socket), plus headroom for listeners, children's pipes,
@@ -42,48 +40,6 @@ pub fn raise_open_files_limit(max_connections: usize) {
     } else {
         info!(open_files_limit = soft, "open-files limit");
     }
-}
-
-/// How often freed memory is looked at.
-const TRIM_INTERVAL: Duration = Duration::from_secs(10);
-/// Growth of malloc's free bytes since the last trim that makes the next tick trim.
-const TRIM_GROWTH: usize = 4 << 20;
-
-/// glibc's malloc keeps memory freed by ended connections in its arenas when it lies below
-/// still-used chunks: after a thousand connections come and go, the resident set would stay at
-/// its peak. When the free bytes malloc holds have grown since the last look, `malloc_trim(0)`
-/// hands their pages back to the system.
-pub async fn return_freed_memory(shutdown: CancellationToken) {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        let mut tick = tokio::time::interval(TRIM_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut base = usize::MAX;
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let step = tokio::task::spawn_blocking(move || {
-                // SAFETY: mallinfo2 and malloc_trim only read and madvise glibc's own free
-                // lists, under its arena locks.
-                let free = unsafe { libc::mallinfo2() }.fordblks;
-                if free >= base.saturating_add(TRIM_GROWTH) {
-                    unsafe { libc::malloc_trim(0) };
-                    unsafe { libc::mallinfo2() }.fordblks
-                } else {
-                    base.min(free)
-                }
-            })
-            .await;
-            match step {
-                Ok(b) => base = b,
-                Err(_) => return,
-            }
-        }
-    }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    shutdown.cancelled().await;
 }
 
 #[cfg(test)]
