@@ -7,6 +7,7 @@
 //! - [`monitord`]: the monitord relay on 4124 TCP+UDP
 //! - [`admin`]: HTTP health, readiness, metrics and the host table
 //! - [`collect`]: scrape-time metrics (process figures)
+//! - [`memory`]: returning freed heap to the system after transfers
 //! - [`resources`]: the open-files limit
 //! - [`keys`]: host keys and `keygen`
 
@@ -16,6 +17,7 @@ pub mod config;
 pub mod escape;
 pub mod keys;
 pub mod logging;
+pub mod memory;
 pub mod monitord;
 pub mod resources;
 pub mod ssh;

@@ -11,19 +11,6 @@ use tracing::{error, info, warn};
 use tm_sidecar::config::{Config, Settings};
 use tm_sidecar::{admin, collect, keys, logging, monitord, resources, ssh, transfer};
 
-/// jemalloc, with its background thread purging freed pages (see [`return_memory`]): glibc's
-/// per-thread arenas kept ~130 MiB after eight parallel 512 MiB uploads had ended.
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
-/// Let jemalloc hand memory freed after a burst (transfer buffers) back to the system within
-/// seconds, from a background thread, instead of keeping it for the life of the process.
-fn return_memory() {
-    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
-        warn!(error = %e, "cannot start jemalloc's background purging");
-    }
-}
-
 /// SSH transfer-manager and monitord sidecar for OpenNebula front-ends on Kubernetes.
 ///
 /// Runs next to oned in the front-end pod: an SSH server for the oneadmin account on port 22
@@ -143,7 +130,6 @@ async fn serve(settings: Settings) -> Result<ExitCode> {
     }
     let config = Config::load(settings)?;
     logging::init(config.log_format);
-    return_memory();
     config.check_paths()?;
     resources::raise_open_files_limit(config.limits.max_connections);
 

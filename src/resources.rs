@@ -1,6 +1,5 @@
 //! Process-wide resources of a server that keeps every connection in one process (sshd forks one
-//! per connection): the open-files limit. (Freed memory goes back to the system through
-//! jemalloc's background purging, set up in main.rs.)
+//! per connection): the open-files limit. (Freed memory: see [`crate::memory`].)
 
 use tracing::{info, warn};
 

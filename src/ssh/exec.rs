@@ -113,6 +113,8 @@ pub async fn run(job: ChannelJob) {
     } = job;
     let id = channel.id();
     let kind = work.kind();
+    // Declared first, dropped last: the heap is trimmed after this channel's buffers are gone.
+    let _activity = crate::memory::ChannelActivity::start();
     let _active = shared.metrics.channel(kind);
     let started = Instant::now();
     let counters = Arc::new(Counters::default());

@@ -80,9 +80,9 @@ fn russh_config(config: &Config, host_keys: Vec<PrivateKey>) -> russh::server::C
         keys: host_keys,
         window_size: 8 << 20,
         maximum_packet_size: 65535,
-        // Each channel's input task drains this at once into its own queue (exec.rs), so a
-        // short buffer suffices and keeps russh's share of per-channel memory small.
-        channel_buffer_size: 32,
+        // russh's per-channel queue in front of ours (exec.rs drains it at once); 64 packets
+        // keep its share of a stalled channel's memory at 2-4 MiB.
+        channel_buffer_size: 64,
         event_buffer_size: 64,
         preferred: russh::Preferred {
             cipher: Cow::Borrowed(CIPHERS),

@@ -652,11 +652,15 @@ impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> Scp<R, W> {
         };
         let mut remaining = size;
         while remaining > 0 {
-            let want = remaining.min(self.buf.len() as u64) as usize;
-            let n = self.input.read(&mut self.buf[..want]).await?;
-            if n == 0 {
-                // Disconnected mid-file: the upload is dropped and its temporary file removed.
-                return Err(Fatal("lost connection during a file".into()));
+            // Whole buffers, not the 32 KiB packets as they come: each write is a hop to a
+            // blocking thread, so fewer and larger writes move more bytes per hop.
+            let n = remaining.min(self.buf.len() as u64) as usize;
+            if let Err(e) = self.input.read_exact(&mut self.buf[..n]).await {
+                if e.kind() == io::ErrorKind::UnexpectedEof {
+                    // Disconnected mid-file: the upload is dropped and its temporary file removed.
+                    return Err(Fatal("lost connection during a file".into()));
+                }
+                return Err(e.into());
             }
             remaining -= n as u64;
             if let Some(f) = file.as_mut()

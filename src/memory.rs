@@ -1,0 +1,73 @@
+//! Handing memory back to the system after bursts of transfers.
+//!
+//! Transfers allocate many short-lived packet buffers on several threads; glibc keeps what they
+//! freed in per-thread arenas for the life of the process (eight parallel 512 MiB uploads left
+//! ~130 MiB resident). When the last channel of the process ends, [`ChannelActivity`] asks glibc
+//! to return free pages with `malloc_trim`, at most once a second, on a blocking thread.
+//! (jemalloc returns memory by itself but cost ~25 % more CPU per uploaded byte here.)
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+static ACTIVE: AtomicUsize = AtomicUsize::new(0);
+static LAST_TRIM: Mutex<Option<Instant>> = Mutex::new(None);
+const MIN_TRIM_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Held while a channel runs; dropping the last one trims the heap.
+pub struct ChannelActivity(());
+
+impl ChannelActivity {
+    pub fn start() -> ChannelActivity {
+        ACTIVE.fetch_add(1, Ordering::SeqCst);
+        ChannelActivity(())
+    }
+}
+
+impl Drop for ChannelActivity {
+    fn drop(&mut self) {
+        if ACTIVE.fetch_sub(1, Ordering::SeqCst) != 1 {
+            return;
+        }
+        {
+            let mut last = LAST_TRIM.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < MIN_TRIM_INTERVAL) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn_blocking(trim);
+            }
+            Err(_) => trim(),
+        }
+    }
+}
+
+/// Return free heap pages of every arena to the system.
+pub fn trim() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own arenas and madvises free pages; it takes no
+    // pointers and has no preconditions. No safe wrapper exists in a maintained crate.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_channel_trims_and_nothing_breaks() {
+        let a = ChannelActivity::start();
+        let b = ChannelActivity::start();
+        let big: Vec<Vec<u8>> = (0..64).map(|_| vec![1u8; 1 << 20]).collect();
+        drop(big);
+        drop(a);
+        drop(b);
+        assert_eq!(ACTIVE.load(Ordering::SeqCst), 0);
+        assert!(LAST_TRIM.lock().unwrap().is_some());
+    }
+}
