@@ -176,6 +176,7 @@ async fn serve(settings: Settings) -> Result<ExitCode> {
         .cloned()
         .collect();
     tokio::spawn(ssh::reload::watch(auth, watched, shutdown.clone()));
+    tokio::spawn(tm_sidecar::memory::trim_after_churn(shutdown.clone()));
 
     signals.next().await;
     info!(

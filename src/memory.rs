@@ -3,7 +3,8 @@
 //! Transfers allocate many short-lived packet buffers on several threads; glibc keeps what they
 //! freed in per-thread arenas for the life of the process (eight parallel 512 MiB uploads left
 //! ~130 MiB resident). When the last channel of the process ends, [`ChannelActivity`] asks glibc
-//! to return free pages with `malloc_trim`, at most once a second, on a blocking thread.
+//! to return free pages with `malloc_trim`, at most once a second, on a blocking thread; and
+//! [`trim_after_churn`] catches what connections free after that (and idle connections).
 //! (jemalloc returns memory by itself but cost ~25 % more CPU per uploaded byte here.)
 
 use std::sync::Mutex;
@@ -53,6 +54,49 @@ pub fn trim() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// How often [`trim_after_churn`] looks at malloc's free bytes.
+const CHURN_INTERVAL: Duration = Duration::from_secs(10);
+/// Growth of malloc's free bytes since the last look that makes it trim.
+const CHURN_GROWTH: usize = 4 << 20;
+
+/// Connections free their memory after their last channel has ended, and idle connections (a
+/// ControlPersist master, a monitoring probe's login) have none: after 1000 of them closed, RSS
+/// stayed at its 58 MB peak. Every 10 s, trim when the free bytes glibc holds have grown by
+/// 4 MiB since the last look (`mallinfo2`, on a blocking thread: it walks the arenas).
+pub async fn trim_after_churn(shutdown: tokio_util::sync::CancellationToken) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let mut tick = tokio::time::interval(CHURN_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut base = usize::MAX;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let step = tokio::task::spawn_blocking(move || {
+                // SAFETY: mallinfo2 only reads glibc's arena statistics under its locks; it
+                // takes no pointers and has no preconditions.
+                let free = unsafe { libc::mallinfo2() }.fordblks;
+                if free < base.saturating_add(CHURN_GROWTH) {
+                    return base.min(free);
+                }
+                *LAST_TRIM.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+                trim();
+                // SAFETY: as above.
+                unsafe { libc::mallinfo2() }.fordblks
+            })
+            .await;
+            match step {
+                Ok(b) => base = b,
+                Err(_) => return,
+            }
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    shutdown.cancelled().await;
 }
 
 #[cfg(test)]

@@ -78,7 +78,7 @@ impl Memory {
     fn check_returned(&self, what: &str) -> u64 {
         let peak = self.peak();
         let allowed = self.baseline + ((peak - self.baseline) / 2).max(16 << 10);
-        // jemalloc purges freed pages in the background within seconds (10 s decay)
+        // the server trims malloc within its 10 s interval once the connections are gone
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut after = self.rss();
         while after > allowed && Instant::now() < deadline {
