@@ -205,10 +205,11 @@ fn main() {
         summary["received_foreign"] = foreign.load(Ordering::Relaxed).into();
         summary["lost_valid"] = lost.into();
         if !args.json {
+            // (bench/monitord.py parses this line: keep its start)
             println!(
-                "received {got} valid messages at the sink ({} not valid): loss {lost} ({:.3} %)",
+                "received {got} at the sink: loss {lost} ({:.3} %); {} datagrams not a sent valid message",
+                100.0 * lost as f64 / valid.max(1) as f64,
                 foreign.load(Ordering::Relaxed),
-                100.0 * lost as f64 / valid.max(1) as f64
             );
         }
     }

@@ -6,44 +6,10 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::agent::Agent;
 use common::{Sidecar, StockSshd, make_key, run};
 
 const T: Duration = Duration::from_secs(120);
-
-struct Agent {
-    sock: std::path::PathBuf,
-    pid: String,
-}
-
-impl Agent {
-    fn start(dir: &std::path::Path, key: &std::path::Path) -> Agent {
-        let sock = dir.join("agent.sock");
-        let out = run(Command::new("ssh-agent").arg("-a").arg(&sock).arg("-s"), T);
-        assert!(out.status.success());
-        let text = String::from_utf8_lossy(&out.stdout);
-        let pid = text
-            .split(';')
-            .find_map(|p| p.trim().strip_prefix("SSH_AGENT_PID="))
-            .expect("agent pid")
-            .to_string();
-        let add = run(
-            Command::new("ssh-add").arg(key).env("SSH_AUTH_SOCK", &sock),
-            T,
-        );
-        assert!(
-            add.status.success(),
-            "{}",
-            String::from_utf8_lossy(&add.stderr)
-        );
-        Agent { sock, pid }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg(&self.pid).status();
-    }
-}
 
 /// `ssh [-A] fe <cmd>` with the agent in the environment, as oned's ssh_forward does.
 fn fe_ssh(s: &Sidecar, agent: &Agent, forward: bool, cmd: &str) -> Command {

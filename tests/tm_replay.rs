@@ -19,10 +19,11 @@ mod common;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::agent::Agent;
 use common::{Sidecar, StockSshd, run};
 use sha2::{Digest, Sha256};
 
@@ -33,41 +34,6 @@ const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
 
 // ---- hosts ------------------------------------------------------------------------------------
-
-struct Agent {
-    sock: PathBuf,
-    pid: String,
-}
-
-impl Agent {
-    fn start(dir: &Path, key: &Path) -> Agent {
-        let sock = dir.join("agent.sock");
-        let out = run(Command::new("ssh-agent").arg("-a").arg(&sock).arg("-s"), T);
-        assert!(out.status.success(), "ssh-agent failed");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let pid = text
-            .split(';')
-            .find_map(|p| p.trim().strip_prefix("SSH_AGENT_PID="))
-            .expect("agent pid")
-            .to_string();
-        let add = run(
-            Command::new("ssh-add").arg(key).env("SSH_AUTH_SOCK", &sock),
-            T,
-        );
-        assert!(
-            add.status.success(),
-            "ssh-add: {}",
-            String::from_utf8_lossy(&add.stderr)
-        );
-        Agent { sock, pid }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg(&self.pid).status();
-    }
-}
 
 /// Which server plays `fe`.
 #[derive(Clone, Copy, Debug, PartialEq)]

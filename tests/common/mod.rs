@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod admin;
+pub mod agent;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -317,40 +318,7 @@ pub fn free_port() -> u16 {
 impl StockSshd {
     /// Start sshd accepting exactly the keys in `authorized_keys`.
     pub fn start(authorized_keys: &str) -> StockSshd {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let d = dir.path();
-        let status = Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(d.join("host_key"))
-            .status()
-            .expect("ssh-keygen");
-        assert!(status.success());
-        std::fs::write(d.join("authorized_keys"), authorized_keys).unwrap();
-        let _ = std::fs::create_dir_all("/run/sshd");
-        let port = free_port();
-        let config = format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n\
-             AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nPasswordAuthentication no\n\
-             KbdInteractiveAuthentication no\nUsePAM no\nPermitRootLogin prohibit-password\n\
-             AllowAgentForwarding yes\nSubsystem sftp internal-sftp\nLogLevel ERROR\n\
-             PrintMotd no\nPrintLastLog no\nMaxSessions 64\nMaxStartups 100:30:200\n",
-            d = d.display()
-        );
-        std::fs::write(d.join("sshd_config"), config).unwrap();
-        let child = Command::new("/usr/sbin/sshd")
-            .args(["-D", "-e", "-f"])
-            .arg(d.join("sshd_config"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start /usr/sbin/sshd (install openssh-server)");
-        let deadline = Instant::now() + READY_TIMEOUT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "sshd did not start listening");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        StockSshd { child, dir, port }
+        Self::start_with_config(authorized_keys, "")
     }
 
     /// `ssh -p PORT <opts> user@127.0.0.1 args`, with the given client key.
