@@ -11,6 +11,8 @@
 pub mod admin;
 pub mod config;
 pub mod escape;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod keys;
 pub mod logging;
 pub mod monitord;
