@@ -629,3 +629,27 @@ fn hostile_packets_through_the_ssh_subsystem() {
     let mode = std::fs::metadata(&outside).unwrap().permissions().mode();
     assert_ne!(mode & 0o777, 0o777);
 }
+
+#[test]
+fn overlay_upload_onto_a_huge_sparse_file_copies_only_its_data() {
+    use std::os::unix::fs::MetadataExt;
+    const F_EXCL: u32 = 0x20;
+    let mut c = Session::start();
+    // A 4 GiB file made of one hole and 4 bytes, created through SFTP itself...
+    let h = c.open(1, "sparse", F_WRITE | F_CREAT | F_EXCL).unwrap();
+    let w = cat(&[&s(&h), &u64b((4 << 30) - 4), &s("tail")]);
+    c.expect_status(WRITE, 2, &w, OK, "write at 4 GiB");
+    c.expect_status(CLOSE, 3, &s(&h), OK, "close");
+    // ... then rewritten in place the way OpenSSH >= 9 uploads (WRITE|CREAT, no TRUNC).
+    let h = c.open(4, "sparse", F_WRITE | F_CREAT).unwrap();
+    c.expect_status(WRITE, 5, &cat(&[&s(&h), &u64b(0), &s("head")]), OK, "write");
+    c.expect_status(CLOSE, 6, &s(&h), OK, "commit");
+    let md = std::fs::metadata(c.root.join("sparse")).unwrap();
+    assert_eq!(md.len(), 4 << 30);
+    assert!(
+        md.blocks() * 512 < 1 << 20,
+        "holes were copied: {} blocks",
+        md.blocks()
+    );
+    c.finish();
+}

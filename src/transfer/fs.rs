@@ -749,14 +749,22 @@ impl Upload {
             use std::os::unix::fs::FileExt;
             let mut buf = vec![0u8; 1 << 20];
             for (mut s, e) in o.gaps() {
+                // Only the old file's data extents are copied: its holes stay holes (the
+                // temporary file is truncated to the final size below), so overlaying a
+                // terabyte-sized sparse file costs its data, not a terabyte of writes.
                 while s < e {
-                    let want = ((e - s) as usize).min(buf.len());
-                    let n = o.old.read_at(&mut buf[..want], s)?;
-                    if n == 0 {
-                        break; // the old file shrank meanwhile: the rest stays a hole
+                    let (data, hole) = data_extent(&o.old, s, e);
+                    s = data;
+                    while s < hole {
+                        let want = ((hole - s) as usize).min(buf.len());
+                        let n = o.old.read_at(&mut buf[..want], s)?;
+                        if n == 0 {
+                            s = e; // the old file shrank meanwhile: the rest stays a hole
+                            break;
+                        }
+                        self.file.write_all_at(&buf[..n], s)?;
+                        s += n as u64;
                     }
-                    self.file.write_all_at(&buf[..n], s)?;
-                    s += n as u64;
                 }
             }
             rustix::fs::ftruncate(&self.file, o.size).map_err(errno)?;
@@ -783,6 +791,22 @@ impl Upload {
         }
         Ok(())
     }
+}
+
+/// The first data extent of `file` at or after `from`, clipped to `end`, as (start, end);
+/// (end, end) when only a hole is left. Without SEEK_DATA support everything counts as data.
+fn data_extent(file: &File, from: u64, end: u64) -> (u64, u64) {
+    use rustix::fs::{SeekFrom, seek};
+    let start = match seek(file, SeekFrom::Data(from)) {
+        Ok(d) => d.min(end),
+        Err(rustix::io::Errno::NXIO) => end,
+        Err(_) => return (from, end),
+    };
+    let stop = match seek(file, SeekFrom::Hole(start)) {
+        Ok(h) if h > start => h.min(end),
+        _ => end,
+    };
+    (start, stop)
 }
 
 impl Drop for Upload {
@@ -958,6 +982,36 @@ mod tests {
         drop(up);
         assert_eq!(std::fs::read(root.join("f")).unwrap(), b"new");
         assert_eq!(std::fs::read_dir(&root).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn overlay_upload_onto_a_sparse_file_copies_only_its_data() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let (_dir, roots, root) = setup();
+        let size = 4u64 << 30;
+        let f = File::create(root.join("sparse")).unwrap();
+        f.set_len(size).unwrap();
+        f.write_all_at(b"middle", 1 << 30).unwrap();
+        f.write_all_at(b"tail", size - 4).unwrap();
+        drop(f);
+        let loc = roots.locate(&p(&root.join("sparse"))).unwrap();
+        let mut up = roots.create_upload_overlay(&loc, 0o644, false).unwrap();
+        up.write_at(b"head", 0).unwrap();
+        up.commit().unwrap();
+        let f = File::open(root.join("sparse")).unwrap();
+        let md = f.metadata().unwrap();
+        assert_eq!(md.len(), size);
+        // A few blocks of data, not 4 GiB of copied zeros.
+        assert!(md.blocks() * 512 < 1 << 20, "{} blocks", md.blocks());
+        let mut b = [0u8; 6];
+        f.read_exact_at(&mut b[..4], 0).unwrap();
+        assert_eq!(&b[..4], b"head");
+        f.read_exact_at(&mut b, 1 << 30).unwrap();
+        assert_eq!(&b, b"middle");
+        f.read_exact_at(&mut b[..4], size - 4).unwrap();
+        assert_eq!(&b[..4], b"tail");
+        f.read_exact_at(&mut b, 4096).unwrap();
+        assert_eq!(b, [0; 6]);
     }
 
     #[test]
