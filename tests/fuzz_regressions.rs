@@ -5,6 +5,7 @@
 //! names only, small, and nothing that looks like a private key.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tm_sidecar::fuzzing::TARGETS;
 
@@ -46,14 +47,31 @@ fn entry(target: &str) -> tm_sidecar::fuzzing::Entry {
         .unwrap_or_else(|| panic!("fuzz input for unknown target {target:?}"))
 }
 
+/// Panics seen on any thread: the transfer targets run work on tokio's blocking pool and on
+/// handle worker threads, where a panic does not reach the caller (libFuzzer aborts on it).
+static PANICS: AtomicUsize = AtomicUsize::new(0);
+
+fn count_panics_on_every_thread() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.fetch_add(1, Ordering::SeqCst);
+            previous(info);
+        }));
+    });
+}
+
 fn replay(kind: &str) -> usize {
+    count_panics_on_every_thread();
     let all = inputs(kind);
     for (target, path) in &all {
         let data = std::fs::read(path).unwrap();
         let f = entry(target);
+        let before = PANICS.load(Ordering::SeqCst);
         let r = std::panic::catch_unwind(|| f(&data));
         assert!(
-            r.is_ok(),
+            r.is_ok() && PANICS.load(Ordering::SeqCst) == before,
             "{target}: {} panics (reproduce with `cargo +nightly fuzz run {target} {}`)",
             path.display(),
             path.display()

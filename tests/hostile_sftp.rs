@@ -541,6 +541,12 @@ fn absurd_attribute_counts_and_offsets_fail_cleanly() {
     // An ATTRS with 2^32-1 extended pairs and nothing after it.
     let ext = cat(&[&s("f"), &u32b(0x8000_0000), &u32b(u32::MAX)]);
     c.expect_status(SETSTAT, 1, &ext, BAD_MESSAGE, "extended count");
+    // uid/gid 0xFFFFFFFF is chown's -1 ("unchanged"), on a path and on a handle.
+    let ids = cat(&[&u32b(0x02), &u32b(u32::MAX), &u32b(u32::MAX)]);
+    c.expect_status(SETSTAT, 10, &cat(&[&s("f"), &ids]), OK, "setstat uid -1");
+    let hf = c.open(11, "f", F_READ | F_WRITE).unwrap();
+    c.expect_status(10, 12, &cat(&[&s(&hf), &ids]), OK, "fsetstat uid -1");
+    c.expect_status(CLOSE, 13, &s(&hf), OK, "close");
     // Writes beyond what a file offset can express.
     let h = c.open(2, "w", F_WRITE | F_CREAT | F_TRUNC).unwrap();
     for (id, off) in [(3u32, u64::MAX - 3), (4, 1u64 << 63)] {

@@ -439,15 +439,10 @@ impl Roots {
         // link lets the path-based syscalls act on that inode without resolving anything again.
         let proc = format!("/proc/self/fd/{}", fd.as_raw_fd());
         let proc = proc.as_str();
-        if a.uid.is_some() || a.gid.is_some() {
-            rustix::fs::chownat(
-                rustix::fs::CWD,
-                proc,
-                a.uid.map(rustix::fs::Uid::from_raw),
-                a.gid.map(rustix::fs::Gid::from_raw),
-                AtFlags::empty(),
-            )
-            .map_err(errno)?;
+        let (uid, gid) = a.owner();
+        if uid.is_some() || gid.is_some() {
+            rustix::fs::chownat(rustix::fs::CWD, proc, uid, gid, AtFlags::empty())
+                .map_err(errno)?;
         }
         if let Some(perm) = a.perm {
             rustix::fs::chmodat(
@@ -584,6 +579,21 @@ pub struct SetAttrs {
     pub perm: Option<u32>,
     /// (atime, mtime) in seconds.
     pub times: Option<(i64, i64)>,
+}
+
+impl SetAttrs {
+    /// Owner and group to set. An id of `u32::MAX` is chown(2)'s -1, "leave unchanged" (and not
+    /// a valid id for rustix).
+    pub fn owner(&self) -> (Option<rustix::fs::Uid>, Option<rustix::fs::Gid>) {
+        (
+            self.uid
+                .filter(|&u| u != u32::MAX)
+                .map(rustix::fs::Uid::from_raw),
+            self.gid
+                .filter(|&g| g != u32::MAX)
+                .map(rustix::fs::Gid::from_raw),
+        )
+    }
 }
 
 pub fn timestamps(atime: i64, mtime: i64) -> Timestamps {
@@ -726,13 +736,9 @@ impl Upload {
                 o.truncate(size);
             }
         }
-        if a.uid.is_some() || a.gid.is_some() {
-            rustix::fs::fchown(
-                &self.file,
-                a.uid.map(rustix::fs::Uid::from_raw),
-                a.gid.map(rustix::fs::Gid::from_raw),
-            )
-            .map_err(errno)?;
+        let (uid, gid) = a.owner();
+        if uid.is_some() || gid.is_some() {
+            rustix::fs::fchown(&self.file, uid, gid).map_err(errno)?;
         }
         if let Some(perm) = a.perm {
             self.set_mode(perm)?;
