@@ -50,8 +50,11 @@ where
     let sem = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let result = read_loop(&ctx, input, &sem).await;
 
-    // Input is closed: let the workers finish what they were given, then discard open uploads.
-    // Workers of closed handles are joined too, so no thread of this session outlives it.
+    // Input is closed. First let every request in flight finish (a path request still running
+    // may yet open a handle), then end the handle workers: open uploads are discarded, and
+    // workers of closed handles are joined too, so nothing of this session touches the
+    // filesystem after we return.
+    let _ = sem.acquire_many(MAX_IN_FLIGHT as u32).await;
     let entries = ctx.drain();
     let closed = ctx.take_closed();
     let _ = tokio::task::spawn_blocking(move || {
@@ -64,8 +67,6 @@ where
         }
     })
     .await;
-    // Wait for path requests still running, so nothing touches the filesystem after we return.
-    let _ = sem.acquire_many(MAX_IN_FLIGHT as u32).await;
     drop(ctx);
     let _ = writer.await;
     result
