@@ -6,6 +6,7 @@
 //! defaults, or the `--dev` ones).
 
 use std::net::SocketAddr;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -449,6 +450,7 @@ impl Config {
     /// Merge flags/env with the config file (if any) and the defaults.
     pub fn load(mut settings: Settings) -> Result<Config> {
         if let Some(path) = settings.config.clone() {
+            check_file("--config", &path)?;
             let text = std::fs::read_to_string(&path)
                 .with_context(|| format!("--config {}: cannot read", path.display()))?;
             let file = Settings::from_toml(&text)
@@ -632,6 +634,11 @@ fn check_file(flag: &str, path: &Path) -> Result<()> {
     let meta = std::fs::metadata(path).with_context(|| format!("{flag} {}", path.display()))?;
     if meta.is_dir() {
         bail!("{flag} {}: is a directory, expected a file", path.display());
+    }
+    // Opening a FIFO blocks until a writer appears: refuse it (and sockets) instead of hanging.
+    let kind = meta.file_type();
+    if kind.is_fifo() || kind.is_socket() {
+        bail!("{flag} {}: not a regular file", path.display());
     }
     std::fs::File::open(path).with_context(|| format!("{flag} {}: cannot open", path.display()))?;
     Ok(())

@@ -20,6 +20,10 @@ pub const MONITORD_PUBKEY: &str = "monitord_rsa.pub";
 /// Load one host key, refusing a private key that group or others can read (as sshd does).
 pub fn load_host_key(path: &Path) -> Result<PrivateKey> {
     let meta = std::fs::metadata(path).with_context(|| format!("--host-key {}", path.display()))?;
+    if !meta.is_file() {
+        // A FIFO would block the start in read_to_string; a directory is a plain mistake.
+        bail!("--host-key {}: not a regular file", path.display());
+    }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         bail!(

@@ -15,6 +15,8 @@ pub mod admin;
 pub mod collect;
 pub mod config;
 pub mod escape;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod keys;
 pub mod logging;
 pub mod memory;

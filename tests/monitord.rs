@@ -7,12 +7,11 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use common::Sidecar;
 use common::admin::{http_get, metrics, value};
+use common::{Sidecar, UpstreamSink as Sink};
 use tm_sidecar::monitord::wire::{self, MsgType, Status};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -27,54 +26,6 @@ const EX_BEACON: &str = "BEACON_HOST SUCCESS 3 1724150010 eNozNDcyMTQ1MDA0AAAK8A
 /// Start `serve` with monitord on 127.0.0.1:0 and `extra` flags.
 fn start(extra: &[&str]) -> Sidecar {
     Sidecar::start_with(extra)
-}
-
-// ---------------------------------------------------------------------------------------------
-// A UDP + TCP sink playing onemonitord
-
-struct Sink {
-    addr: SocketAddr,
-    udp: Arc<Mutex<Vec<Vec<u8>>>>,
-    tcp: Arc<Mutex<Vec<Vec<u8>>>>,
-}
-
-impl Sink {
-    /// Bind TCP and UDP on the same port (`addr` may have port 0).
-    fn start(addr: SocketAddr) -> Sink {
-        let tl = TcpListener::bind(addr).expect("sink TCP bind");
-        let addr = tl.local_addr().unwrap();
-        let us = UdpSocket::bind(addr).expect("sink UDP bind");
-        let udp = Arc::new(Mutex::new(vec![]));
-        let tcp = Arc::new(Mutex::new(vec![]));
-        let u = udp.clone();
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 65536];
-            while let Ok(n) = us.recv(&mut buf) {
-                u.lock().unwrap().push(buf[..n].to_vec());
-            }
-        });
-        let t = tcp.clone();
-        std::thread::spawn(move || {
-            for s in tl.incoming() {
-                let Ok(mut s) = s else { continue };
-                let t = t.clone();
-                std::thread::spawn(move || {
-                    let mut v = vec![];
-                    let _ = s.read_to_end(&mut v);
-                    t.lock().unwrap().push(v);
-                });
-            }
-        });
-        Sink { addr, udp, tcp }
-    }
-
-    fn udp(&self) -> Vec<Vec<u8>> {
-        self.udp.lock().unwrap().clone()
-    }
-
-    fn tcp(&self) -> Vec<Vec<u8>> {
-        self.tcp.lock().unwrap().clone()
-    }
 }
 
 /// A port free on 127.0.0.1 for both TCP and UDP right now.

@@ -508,7 +508,22 @@ pub fn encode(
 pub fn load_private_key(path: &std::path::Path) -> Result<RsaPrivateKey> {
     use rsa::pkcs1::DecodeRsaPrivateKey;
     use rsa::pkcs8::DecodePrivateKey;
+    use std::os::unix::fs::PermissionsExt;
     let flag = "--monitord-private-key";
+    // Like the host keys (and sshd): a regular file that only its owner can read. Checking the
+    // type first also keeps a FIFO from blocking the start in read_to_string.
+    let meta = std::fs::metadata(path).with_context(|| format!("{flag} {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{flag} {}: not a regular file", path.display());
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        bail!(
+            "{flag} {}: permissions {mode:04o} are too open; the private key must not be \
+             accessible by group or others (chmod 600)",
+            path.display()
+        );
+    }
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{flag} {}: cannot read", path.display()))?;
     let mut key = if text.contains(concat!("-----BEGIN RSA ", "PRIVATE KEY-----")) {
@@ -822,8 +837,19 @@ pub(crate) mod tests {
                 .unwrap(),
         )
         .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        for p in [&p1, &p8] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         assert_eq!(load_private_key(&p1).unwrap(), key);
         assert_eq!(load_private_key(&p8).unwrap(), key);
+        std::fs::set_permissions(&p1, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = format!("{:#}", load_private_key(&p1).unwrap_err());
+        assert!(
+            err.contains("--monitord-private-key") && err.contains("0644"),
+            "{err}"
+        );
+        std::fs::set_permissions(&p1, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(load_public_key(&pubp).unwrap(), key.to_public_key());
         let err = format!("{:#}", load_private_key(&pubp).unwrap_err());
         assert!(err.contains("--monitord-private-key"), "{err}");

@@ -157,18 +157,23 @@ fn now() -> i64 {
 fn read_authorized_keys(path: &Path) -> Result<Vec<Line>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("--authorized-keys {}", path.display()))?;
-    let (entries, errors) = authorized_keys::parse(&text);
+    Ok(authorized_keys_lines(path, &text))
+}
+
+/// The usable lines of one authorized_keys file's text; bad lines are logged and skipped.
+fn authorized_keys_lines(path: &Path, text: &str) -> Vec<Line> {
+    let (entries, errors) = authorized_keys::parse(text);
     for (line, reason) in errors {
         warn!(file = %path.display(), line, reason = %escape(&reason), "skipping authorized_keys line");
     }
     let file = Arc::new(path.to_path_buf());
-    Ok(entries
+    entries
         .into_iter()
         .map(|entry| Line {
             file: file.clone(),
             entry,
         })
-        .collect())
+        .collect()
 }
 
 fn is_not_found(e: &anyhow::Error) -> bool {
@@ -183,6 +188,11 @@ fn is_not_found(e: &anyhow::Error) -> bool {
 fn read_trusted_cas(path: &Path) -> Result<Vec<TrustedCa>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("--trusted-user-ca-keys {}", path.display()))?;
+    Ok(trusted_cas(path, &text))
+}
+
+/// The usable keys of a TrustedUserCAKeys file's text; bad lines are logged and skipped.
+fn trusted_cas(path: &Path, text: &str) -> Vec<TrustedCa> {
     let mut cas = vec![];
     for (i, raw) in text.split('\n').enumerate() {
         let line = raw.trim_matches(|c: char| c == ' ' || c == '\t' || c == '\r');
@@ -208,7 +218,7 @@ fn read_trusted_cas(path: &Path) -> Result<Vec<TrustedCa>> {
             }
         }
     }
-    Ok(cas)
+    cas
 }
 
 impl AuthPolicy {
@@ -220,6 +230,31 @@ impl AuthPolicy {
             allow_users: Arc::new(config.allow_users.clone()),
             sources: Arc::new(config.clone()),
         })
+    }
+
+    /// A policy from file contents instead of files (for the fuzz targets): `authorized_keys`
+    /// stands for the single `--authorized-keys` file, `trusted_cas_text` for
+    /// `--trusted-user-ca-keys`. Parsing is exactly that of [`Self::load`].
+    #[doc(hidden)]
+    pub fn from_texts(
+        config: &Config,
+        authorized_keys: &str,
+        trusted_cas_text: Option<&str>,
+    ) -> AuthPolicy {
+        let ak_path = Path::new("authorized_keys");
+        let ca_path = Path::new("trusted_user_ca_keys");
+        let loaded = Loaded {
+            lines: authorized_keys_lines(ak_path, authorized_keys),
+            trusted_cas: trusted_cas_text
+                .map(|t| trusted_cas(ca_path, t))
+                .unwrap_or_default(),
+            trusted_ca_file: trusted_cas_text.map(|_| ca_path.to_path_buf()),
+        };
+        AuthPolicy {
+            inner: Arc::new(RwLock::new(Arc::new(loaded))),
+            allow_users: Arc::new(config.allow_users.clone()),
+            sources: Arc::new(config.clone()),
+        }
     }
 
     /// `reloading`: an authorized_keys file that no longer exists grants nothing (sshd reads

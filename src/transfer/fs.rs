@@ -505,15 +505,10 @@ impl Roots {
         // link lets the path-based syscalls act on that inode without resolving anything again.
         let proc = format!("/proc/self/fd/{}", fd.as_raw_fd());
         let proc = proc.as_str();
-        if a.uid.is_some() || a.gid.is_some() {
-            rustix::fs::chownat(
-                rustix::fs::CWD,
-                proc,
-                a.uid.map(rustix::fs::Uid::from_raw),
-                a.gid.map(rustix::fs::Gid::from_raw),
-                AtFlags::empty(),
-            )
-            .map_err(errno)?;
+        let (uid, gid) = a.owner();
+        if uid.is_some() || gid.is_some() {
+            rustix::fs::chownat(rustix::fs::CWD, proc, uid, gid, AtFlags::empty())
+                .map_err(errno)?;
         }
         if let Some(perm) = a.perm {
             rustix::fs::chmodat(
@@ -650,6 +645,21 @@ pub struct SetAttrs {
     pub perm: Option<u32>,
     /// (atime, mtime) in seconds.
     pub times: Option<(i64, i64)>,
+}
+
+impl SetAttrs {
+    /// Owner and group to set. An id of `u32::MAX` is chown(2)'s -1, "leave unchanged" (and not
+    /// a valid id for rustix).
+    pub fn owner(&self) -> (Option<rustix::fs::Uid>, Option<rustix::fs::Gid>) {
+        (
+            self.uid
+                .filter(|&u| u != u32::MAX)
+                .map(rustix::fs::Uid::from_raw),
+            self.gid
+                .filter(|&g| g != u32::MAX)
+                .map(rustix::fs::Gid::from_raw),
+        )
+    }
 }
 
 pub fn timestamps(atime: i64, mtime: i64) -> Timestamps {
@@ -792,13 +802,9 @@ impl Upload {
                 o.truncate(size);
             }
         }
-        if a.uid.is_some() || a.gid.is_some() {
-            rustix::fs::fchown(
-                &self.file,
-                a.uid.map(rustix::fs::Uid::from_raw),
-                a.gid.map(rustix::fs::Gid::from_raw),
-            )
-            .map_err(errno)?;
+        let (uid, gid) = a.owner();
+        if uid.is_some() || gid.is_some() {
+            rustix::fs::fchown(&self.file, uid, gid).map_err(errno)?;
         }
         if let Some(perm) = a.perm {
             self.set_mode(perm)?;
@@ -815,14 +821,22 @@ impl Upload {
             use std::os::unix::fs::FileExt;
             let mut buf = vec![0u8; 1 << 20];
             for (mut s, e) in o.gaps() {
+                // Only the old file's data extents are copied: its holes stay holes (the
+                // temporary file is truncated to the final size below), so overlaying a
+                // terabyte-sized sparse file costs its data, not a terabyte of writes.
                 while s < e {
-                    let want = ((e - s) as usize).min(buf.len());
-                    let n = o.old.read_at(&mut buf[..want], s)?;
-                    if n == 0 {
-                        break; // the old file shrank meanwhile: the rest stays a hole
+                    let (data, hole) = data_extent(&o.old, s, e);
+                    s = data;
+                    while s < hole {
+                        let want = ((hole - s) as usize).min(buf.len());
+                        let n = o.old.read_at(&mut buf[..want], s)?;
+                        if n == 0 {
+                            s = e; // the old file shrank meanwhile: the rest stays a hole
+                            break;
+                        }
+                        self.file.write_all_at(&buf[..n], s)?;
+                        s += n as u64;
                     }
-                    self.file.write_all_at(&buf[..n], s)?;
-                    s += n as u64;
                 }
             }
             rustix::fs::ftruncate(&self.file, o.size).map_err(errno)?;
@@ -849,6 +863,22 @@ impl Upload {
         }
         Ok(())
     }
+}
+
+/// The first data extent of `file` at or after `from`, clipped to `end`, as (start, end);
+/// (end, end) when only a hole is left. Without SEEK_DATA support everything counts as data.
+fn data_extent(file: &File, from: u64, end: u64) -> (u64, u64) {
+    use rustix::fs::{SeekFrom, seek};
+    let start = match seek(file, SeekFrom::Data(from)) {
+        Ok(d) => d.min(end),
+        Err(rustix::io::Errno::NXIO) => end,
+        Err(_) => return (from, end),
+    };
+    let stop = match seek(file, SeekFrom::Hole(start)) {
+        Ok(h) if h > start => h.min(end),
+        _ => end,
+    };
+    (start, stop)
 }
 
 impl Drop for Upload {
@@ -1070,6 +1100,36 @@ mod tests {
         drop(up);
         assert_eq!(std::fs::read(root.join("f")).unwrap(), b"new");
         assert_eq!(std::fs::read_dir(&root).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn overlay_upload_onto_a_sparse_file_copies_only_its_data() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let (_dir, roots, root) = setup();
+        let size = 4u64 << 30;
+        let f = File::create(root.join("sparse")).unwrap();
+        f.set_len(size).unwrap();
+        f.write_all_at(b"middle", 1 << 30).unwrap();
+        f.write_all_at(b"tail", size - 4).unwrap();
+        drop(f);
+        let loc = roots.locate(&p(&root.join("sparse"))).unwrap();
+        let mut up = roots.create_upload_overlay(&loc, 0o644, false).unwrap();
+        up.write_at(b"head", 0).unwrap();
+        up.commit().unwrap();
+        let f = File::open(root.join("sparse")).unwrap();
+        let md = f.metadata().unwrap();
+        assert_eq!(md.len(), size);
+        // A few blocks of data, not 4 GiB of copied zeros.
+        assert!(md.blocks() * 512 < 1 << 20, "{} blocks", md.blocks());
+        let mut b = [0u8; 6];
+        f.read_exact_at(&mut b[..4], 0).unwrap();
+        assert_eq!(&b[..4], b"head");
+        f.read_exact_at(&mut b, 1 << 30).unwrap();
+        assert_eq!(&b, b"middle");
+        f.read_exact_at(&mut b[..4], size - 4).unwrap();
+        assert_eq!(&b[..4], b"tail");
+        f.read_exact_at(&mut b, 4096).unwrap();
+        assert_eq!(b, [0; 6]);
     }
 
     #[test]

@@ -495,8 +495,11 @@ impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> Scp<R, W> {
         let mut stack: Vec<Frame> = Vec::new();
         let mut times: Option<(i64, i64)> = None;
         loop {
-            let Some(line) = self.read_line().await? else {
-                return Ok(());
+            // Like scp.c's SCREWUP, a broken record is answered in-band before giving up.
+            let line = match self.read_line().await {
+                Ok(Some(line)) => line,
+                Ok(None) => return Ok(()),
+                Err(Fatal(msg)) => return self.fatal(&format!("protocol error: {msg}")).await,
             };
             let Some(&first) = line.first() else {
                 return self.fatal("protocol error: expected control record").await;
@@ -658,7 +661,9 @@ impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> Scp<R, W> {
             if let Err(e) = self.input.read_exact(&mut self.buf[..n]).await {
                 if e.kind() == io::ErrorKind::UnexpectedEof {
                     // Disconnected mid-file: the upload is dropped and its temporary file removed.
-                    return Err(Fatal("lost connection during a file".into()));
+                    return self
+                        .fatal("protocol error: lost connection during a file")
+                        .await;
                 }
                 return Err(e.into());
             }

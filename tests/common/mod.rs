@@ -405,3 +405,207 @@ impl StockSshd {
         StockSshd { child, dir, port }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Hostile-input helpers (tests/hostile_*.rs)
+
+/// Everything under `dir` except the subtree `skip` (the transfer root, itself included), one line per entry
+/// with type, mode, size, link count, mtime and a content digest for files; compare before and
+/// after a hostile session to prove nothing outside the root changed.
+pub fn outside_state(dir: &Path, skip: &Path) -> Vec<String> {
+    use std::hash::{Hash, Hasher};
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        if d == skip {
+            continue;
+        }
+        let md = std::fs::symlink_metadata(&d).expect("stat");
+        let mut line = format!(
+            "{} mode={:o} size={} nlink={} mtime={}",
+            d.strip_prefix(dir).unwrap_or(&d).display(),
+            md.mode(),
+            md.size(),
+            md.nlink(),
+            md.mtime()
+        );
+        if md.is_file() {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            std::fs::read(&d).expect("read").hash(&mut h);
+            line.push_str(&format!(" digest={:x}", h.finish()));
+        }
+        out.push(line);
+        if md.is_dir() {
+            for e in std::fs::read_dir(&d).expect("read_dir") {
+                stack.push(e.expect("entry").path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Peak resident memory of a running process in KiB (`VmHWM`).
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A russh client handler that accepts any host key (the tests' server is on loopback).
+pub struct AnyHostKey;
+
+impl russh::client::Handler for AnyHostKey {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        _key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
+/// An in-process SSH client (russh) logged in to `s` with the test key, for what OpenSSH's
+/// client will not send: floods of requests, absurd sizes, NUL bytes.
+pub async fn russh_login(s: &Sidecar) -> russh::client::Handle<AnyHostKey> {
+    let config = Arc::new(russh::client::Config::default());
+    let mut h = russh::client::connect(config, s.ssh, AnyHostKey)
+        .await
+        .expect("russh connect");
+    let key = russh::keys::load_secret_key(s.client_key(), None).expect("client key");
+    let auth = h
+        .authenticate_publickey(
+            me(),
+            russh::keys::PrivateKeyWithHashAlg::new(Arc::new(key), None),
+        )
+        .await
+        .expect("russh auth");
+    assert!(auth.success(), "test key refused");
+    h
+}
+
+/// Read a channel until it closes (bounded): (stdout, stderr, exit status, failures seen).
+pub async fn russh_collect(
+    ch: &mut russh::Channel<russh::client::Msg>,
+    timeout: Duration,
+) -> (Vec<u8>, Vec<u8>, Option<u32>, usize) {
+    let (mut out, mut err, mut status, mut failures) = (Vec::new(), Vec::new(), None, 0);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let msg = tokio::time::timeout_at(deadline, ch.wait())
+            .await
+            .expect("channel did not close in time");
+        match msg {
+            None | Some(russh::ChannelMsg::Close) => break,
+            Some(russh::ChannelMsg::Data { data }) => out.extend_from_slice(&data),
+            Some(russh::ChannelMsg::ExtendedData { data, .. }) => err.extend_from_slice(&data),
+            Some(russh::ChannelMsg::ExitStatus { exit_status }) => status = Some(exit_status),
+            Some(russh::ChannelMsg::Failure) => failures += 1,
+            Some(_) => {}
+        }
+    }
+    (out, err, status, failures)
+}
+
+// ---------------------------------------------------------------------------------------------
+// A UDP + TCP sink playing onemonitord (the relay's upstream)
+
+pub struct UpstreamSink {
+    pub addr: SocketAddr,
+    udp: Arc<Mutex<Vec<Vec<u8>>>>,
+    tcp: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+impl UpstreamSink {
+    /// Bind TCP and UDP on the same port (`addr` may have port 0).
+    pub fn start(addr: SocketAddr) -> UpstreamSink {
+        let tl = std::net::TcpListener::bind(addr).expect("sink TCP bind");
+        let addr = tl.local_addr().unwrap();
+        let us = std::net::UdpSocket::bind(addr).expect("sink UDP bind");
+        let udp = Arc::new(Mutex::new(vec![]));
+        let tcp = Arc::new(Mutex::new(vec![]));
+        let u = udp.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while let Ok(n) = us.recv(&mut buf) {
+                u.lock().unwrap().push(buf[..n].to_vec());
+            }
+        });
+        let t = tcp.clone();
+        std::thread::spawn(move || {
+            for s in tl.incoming() {
+                let Ok(mut s) = s else { continue };
+                let t = t.clone();
+                std::thread::spawn(move || {
+                    let mut v = vec![];
+                    let _ = std::io::Read::read_to_end(&mut s, &mut v);
+                    t.lock().unwrap().push(v);
+                });
+            }
+        });
+        UpstreamSink { addr, udp, tcp }
+    }
+
+    /// Datagrams received so far.
+    pub fn udp(&self) -> Vec<Vec<u8>> {
+        self.udp.lock().unwrap().clone()
+    }
+
+    /// Whole TCP streams received so far (one per connection).
+    pub fn tcp(&self) -> Vec<Vec<u8>> {
+        self.tcp.lock().unwrap().clone()
+    }
+}
+
+/// GET `path` from an HTTP/1.0 endpoint: (status code, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect admin");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut resp = vec![];
+    s.read_to_end(&mut resp).unwrap();
+    let resp = String::from_utf8_lossy(&resp).into_owned();
+    let (head, body) = resp.split_once("\r\n\r\n").expect("HTTP response");
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status code");
+    (code, body.to_string())
+}
+
+/// Sum of the `/metrics` samples named `name` that carry every `label="value"` of `labels`.
+pub fn metric(s: &Sidecar, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let (code, body) = http_get(s.admin.expect("admin address"), "/metrics");
+    assert_eq!(code, 200);
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            (n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())
+            .flatten()
+        })
+        .sum()
+}
+
+/// Poll `cond` until it holds, for at most `timeout`; panics naming `what` otherwise.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

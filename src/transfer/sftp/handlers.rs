@@ -27,6 +27,8 @@ pub struct Ctx {
     pub transfer: Arc<Transfer>,
     pub out: tokio::sync::mpsc::UnboundedSender<Out>,
     pub handles: Mutex<HashMap<u32, HandleEntry>>,
+    /// Workers of closed handles, still finishing their last job; joined at the session end.
+    closing: Mutex<Vec<std::thread::JoinHandle<()>>>,
     next_handle: AtomicU32,
 }
 
@@ -36,6 +38,7 @@ impl Ctx {
             transfer,
             out,
             handles: Mutex::new(HashMap::new()),
+            closing: Mutex::new(Vec::new()),
             next_handle: AtomicU32::new(1),
         }
     }
@@ -67,6 +70,23 @@ impl Ctx {
             Ok(mut h) => h.drain().map(|(_, e)| e).collect(),
             Err(_) => Vec::new(),
         }
+    }
+
+    /// Keep the worker of a closed handle until the session end (it exits by itself after the
+    /// Close job); finished ones are forgotten here, so the list stays short.
+    pub fn closed(&self, thread: std::thread::JoinHandle<()>) {
+        if let Ok(mut c) = self.closing.lock() {
+            c.retain(|t| !t.is_finished());
+            c.push(thread);
+        }
+    }
+
+    /// Workers of closed handles that may still be running.
+    pub fn take_closed(&self) -> Vec<std::thread::JoinHandle<()>> {
+        self.closing
+            .lock()
+            .map(|mut c| std::mem::take(&mut *c))
+            .unwrap_or_default()
     }
 }
 

@@ -236,13 +236,9 @@ fn fset_plain(file: &File, a: &SetAttrs) -> io::Result<()> {
     if let Some(size) = a.size {
         rustix::fs::ftruncate(file, size).map_err(errno)?;
     }
-    if a.uid.is_some() || a.gid.is_some() {
-        rustix::fs::fchown(
-            file,
-            a.uid.map(rustix::fs::Uid::from_raw),
-            a.gid.map(rustix::fs::Gid::from_raw),
-        )
-        .map_err(errno)?;
+    let (uid, gid) = a.owner();
+    if uid.is_some() || gid.is_some() {
+        rustix::fs::fchown(file, uid, gid).map_err(errno)?;
     }
     if let Some(perm) = a.perm {
         rustix::fs::fchmod(file, rustix::fs::Mode::from_raw_mode(perm & 0o7777)).map_err(errno)?;

@@ -50,17 +50,23 @@ where
     let sem = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let result = read_loop(&ctx, input, &sem).await;
 
-    // Input is closed: let the workers finish what they were given, then discard open uploads.
+    // Input is closed. First let every request in flight finish (a path request still running
+    // may yet open a handle), then end the handle workers: open uploads are discarded, and
+    // workers of closed handles are joined too, so nothing of this session touches the
+    // filesystem after we return.
+    let _ = sem.acquire_many(MAX_IN_FLIGHT as u32).await;
     let entries = ctx.drain();
+    let closed = ctx.take_closed();
     let _ = tokio::task::spawn_blocking(move || {
         for e in entries {
             drop(e.tx);
             let _ = e.thread.join();
         }
+        for t in closed {
+            let _ = t.join();
+        }
     })
     .await;
-    // Wait for path requests still running, so nothing touches the filesystem after we return.
-    let _ = sem.acquire_many(MAX_IN_FLIGHT as u32).await;
     drop(ctx);
     let _ = writer.await;
     result
@@ -262,11 +268,10 @@ fn send_to_handle(ctx: &Ctx, h: Option<u32>, id: u32, op: HandleOp, permit: Owne
         let mut table = ctx.handles.lock().ok()?;
         if closing {
             // Closed handles leave the table at once: reuse after close is "invalid handle".
+            // The worker ends by itself after the Close job; serve joins it at the end.
             let entry = table.remove(&h)?;
-            let tx = entry.tx.clone();
-            // The worker thread ends by itself after the Close job; nobody needs to join it.
-            drop(entry);
-            Some(tx)
+            ctx.closed(entry.thread);
+            Some(entry.tx)
         } else {
             table.get(&h).map(|e| e.tx.clone())
         }
