@@ -340,7 +340,9 @@ fn payloads_that_are_not_templates_are_counted_and_still_relayed() {
     let payloads: [&[u8]; 4] = [
         b"\xff\xfe not UTF-8 \x00",
         b"A=\"unterminated\n",
-        b"VM = [ ID=\"1\", MONITOR=\"%%%not base64%%%\" ]\n",
+        // (a nested MONITOR="…" that is not base64 is onemonitord's business: the relay counts
+        // VM entries without decoding them)
+        b"VM = [ ID=\"1\", MONITOR=\"unterminated ]\n",
         b"= no name\n",
     ];
     for (i, p) in payloads.iter().enumerate() {

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use russh::keys::Certificate;
 use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
-use russh::{Channel, ChannelId, MethodKind, MethodSet};
+use russh::{Channel, ChannelId, ChannelMsg, MethodKind, MethodSet};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -189,6 +189,23 @@ impl Connection {
         let failures = self.conn.auth_failures.fetch_add(1, Ordering::SeqCst) + 1;
         if failures == self.shared.config.limits.max_auth_tries {
             self.conn.auth_exhausted.notify_one();
+        }
+    }
+
+    /// russh also puts every request of a channel into that channel's own bounded queue,
+    /// which nothing reads before the channel starts; a client sending many requests before
+    /// `exec` would fill it and stall the whole connection. Empty it as requests are handled.
+    fn drain_pending(&mut self, id: ChannelId) {
+        use futures::FutureExt;
+        if let Some(p) = self.pending.get_mut(&id) {
+            while let Some(Some(msg)) = p.channel.wait().now_or_never() {
+                if matches!(
+                    msg,
+                    ChannelMsg::Data { .. } | ChannelMsg::ExtendedData { .. }
+                ) {
+                    debug!(peer = %self.peer, "data before the channel started: discarded");
+                }
+            }
         }
     }
 
@@ -463,6 +480,7 @@ impl russh::server::Handler for Connection {
         value: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        self.drain_pending(id);
         let ok = match self.pending.get_mut(&id) {
             Some(p)
                 if env_allowed(name)
@@ -499,6 +517,7 @@ impl russh::server::Handler for Connection {
         _modes: &[(russh::Pty, u32)],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        self.drain_pending(id);
         let allowed = self.grant.as_ref().is_some_and(|g| g.permit_pty);
         let Some(pending) = self.pending.get_mut(&id).filter(|p| p.pty.is_none()) else {
             session.channel_failure(id)?;
@@ -542,6 +561,7 @@ impl russh::server::Handler for Connection {
         pix_height: u32,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        self.drain_pending(id);
         let ok = if let Some(fd) = self.terminals.get(&id) {
             pty::resize(fd, cols, rows, pix_width, pix_height).is_ok()
         } else if let Some((req, p)) = self.pending.get_mut(&id).and_then(|p| p.pty.as_mut()) {
@@ -563,6 +583,7 @@ impl russh::server::Handler for Connection {
         id: ChannelId,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
+        self.drain_pending(id);
         let allowed = self
             .grant
             .as_ref()
@@ -617,6 +638,7 @@ impl russh::server::Handler for Connection {
         _x11_screen_number: u32,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        self.drain_pending(id);
         session.channel_failure(id)?;
         Ok(())
     }
