@@ -2,14 +2,16 @@
 //! sizes, sparse > 4 GiB, -r -p trees, odd names, confinement, atomicity when the client dies.
 
 mod common;
+#[path = "support/util.rs"]
+mod util;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
+use util::sha256;
 
 const T: Duration = Duration::from_secs(300);
 /// scp in SFTP mode (the default of OpenSSH ≥ 9) and the legacy protocol.
@@ -51,20 +53,6 @@ fn scp_ok(s: &common::Sidecar, mode: &[&str], args: &[&str]) {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn sha256(path: &Path) -> String {
-    let mut f = std::fs::File::open(path).unwrap();
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    format!("{:x}", h.finalize())
 }
 
 fn write_random(path: &Path, size: u64, seed: u64) {
