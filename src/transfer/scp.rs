@@ -377,6 +377,12 @@ impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> Scp<R, W> {
     }
 
     /// Send `\1scp: msg\n` (counts as an error for the exit status).
+    /// `run_err` for an OS error on a path: "<path>: <error>", as OpenSSH's scp words it.
+    async fn path_err(&mut self, path: &[u8], e: &io::Error) -> Result<(), Fatal> {
+        let msg = format!("{}: {}", escape_bytes(path, 1024), os_msg(e));
+        self.run_err(&msg).await
+    }
+
     async fn run_err(&mut self, msg: &str) -> Result<(), Fatal> {
         self.errs += 1;
         let line: String = msg.chars().filter(|c| *c != '\n').collect();
@@ -601,12 +607,7 @@ impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> Scp<R, W> {
                         }
                         Err(e) => {
                             times = None;
-                            self.run_err(&format!(
-                                "{}: {}",
-                                escape_bytes(&np.display, 1024),
-                                os_msg(&e)
-                            ))
-                            .await?;
+                            self.path_err(&np.display, &e).await?;
                         }
                     }
                 }
@@ -635,13 +636,7 @@ impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> Scp<R, W> {
             Ok(u) => u,
             Err(e) => {
                 // The source skips the data after an error answer.
-                return self
-                    .run_err(&format!(
-                        "{}: {}",
-                        escape_bytes(&np.display, 1024),
-                        os_msg(&e)
-                    ))
-                    .await;
+                return self.path_err(&np.display, &e).await;
             }
         };
         self.ack().await?;
@@ -690,13 +685,7 @@ impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> Scp<R, W> {
         }
         if let Some(e) = wrerr {
             drop(upload);
-            return self
-                .run_err(&format!(
-                    "{}: {}",
-                    escape_bytes(&np.display, 1024),
-                    os_msg(&e)
-                ))
-                .await;
+            return self.path_err(&np.display, &e).await;
         }
         let preserve = cmd.preserve;
         let committed = self
@@ -718,14 +707,7 @@ impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> Scp<R, W> {
                 self.transfer.count_file(Protocol::Scp, Direction::Upload);
                 self.ack().await
             }
-            Err(e) => {
-                self.run_err(&format!(
-                    "{}: {}",
-                    escape_bytes(&np.display, 1024),
-                    os_msg(&e)
-                ))
-                .await
-            }
+            Err(e) => self.path_err(&np.display, &e).await,
         }
     }
 
@@ -786,13 +768,7 @@ impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> Scp<R, W> {
         let st = match self.blocking(move |t| t.roots.stat(&l, true)).await {
             Ok(st) => st,
             Err(e) => {
-                return self
-                    .run_err(&format!(
-                        "{}: {}",
-                        escape_bytes(&loc.display, 1024),
-                        os_msg(&e)
-                    ))
-                    .await;
+                return self.path_err(&loc.display, &e).await;
             }
         };
         let name = loc.file_name().map(|n| n.to_vec()).unwrap_or_else(|| {
@@ -842,13 +818,7 @@ impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> Scp<R, W> {
         let file = match self.blocking(move |t| t.roots.open_read(&l)).await {
             Ok(f) => f,
             Err(e) => {
-                return self
-                    .run_err(&format!(
-                        "{}: {}",
-                        escape_bytes(&loc.display, 1024),
-                        os_msg(&e)
-                    ))
-                    .await;
+                return self.path_err(&loc.display, &e).await;
             }
         };
         let st = rustix::fs::fstat(&file).unwrap_or(st);
@@ -912,12 +882,7 @@ impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> Scp<R, W> {
                 Ok(())
             }
             Some(e) => {
-                self.run_err(&format!(
-                    "{}: {}",
-                    escape_bytes(&loc.display, 1024),
-                    os_msg(&e)
-                ))
-                .await?;
+                self.path_err(&loc.display, &e).await?;
                 self.response().await.map(|_| ())
             }
         }
@@ -935,13 +900,7 @@ impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> Scp<R, W> {
         let entries = match self.blocking(move |t| list_dir(&t.roots, &l)).await {
             Ok(e) => e,
             Err(e) => {
-                return self
-                    .run_err(&format!(
-                        "{}: {}",
-                        escape_bytes(&loc.display, 1024),
-                        os_msg(&e)
-                    ))
-                    .await;
+                return self.path_err(&loc.display, &e).await;
             }
         };
         if cmd.preserve {
