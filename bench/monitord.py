@@ -56,7 +56,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=1024, help="bytes per message on the wire")
     ap.add_argument("--hosts", type=int, default=100)
-    ap.add_argument("--plan", default="20000:30,50000:10,100000:10,0:10",
+    ap.add_argument("--plan", default="20000:30,50000:10,100000:10,125000:10,150000:10",
                     help="RATE:SECONDS,... (rate 0 = as fast as two sender threads go)")
     args = ap.parse_args()
 

@@ -78,7 +78,8 @@ fn russh_config(config: &Config, host_keys: Vec<PrivateKey>) -> russh::server::C
         auth_rejection_time: Duration::from_millis(0),
         auth_rejection_time_initial: Some(Duration::ZERO),
         keys: host_keys,
-        window_size: 8 << 20,
+        // New channels start at sshd's 2 MiB; `Connection::adjust_window` grows a lone transfer's.
+        window_size: super::session::CHANNEL_WINDOW_MIN,
         maximum_packet_size: 65535,
         // russh's per-channel queue in front of ours (exec.rs drains it at once); 64 packets
         // keep its share of a stalled channel's memory at 2-4 MiB.

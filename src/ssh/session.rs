@@ -370,8 +370,27 @@ enum Request {
     Subsystem(String),
 }
 
+/// Receive window of a new channel (as sshd's), and the most one channel is granted.
+pub const CHANNEL_WINDOW_MIN: u32 = 2 << 20;
+const CHANNEL_WINDOW_MAX: u32 = 8 << 20;
+/// What all channels of one connection are granted together, when more than two are busy.
+const CONNECTION_WINDOW: u32 = 16 << 20;
+
+/// The window russh grants at its next adjustment: a lone transfer gets 8 MiB (a few percent
+/// faster than sshd's 2 MiB on one stream), many channels share 16 MiB (at least 2 MiB each).
+/// Granting 8 MiB to each of 15 parallel uploads let the client put 120 MiB in flight: the
+/// connection stalled behind the slowest consumer and throughput halved on a fresh connection.
+fn channel_window(open_channels: usize) -> u32 {
+    let n = u32::try_from(open_channels.max(1)).unwrap_or(u32::MAX);
+    (CONNECTION_WINDOW / n).clamp(CHANNEL_WINDOW_MIN, CHANNEL_WINDOW_MAX)
+}
+
 impl russh::server::Handler for Connection {
     type Error = anyhow::Error;
+
+    fn adjust_window(&mut self, _channel: ChannelId, _current: u32) -> u32 {
+        channel_window(self.conn.open_channels())
+    }
 
     async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
         Ok(Self::reject())
@@ -651,5 +670,19 @@ impl russh::server::Handler for Connection {
         self.pending.remove(&id);
         self.terminals.remove(&id);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_connections_share_their_window() {
+        assert_eq!(channel_window(0), 8 << 20);
+        assert_eq!(channel_window(1), 8 << 20);
+        assert_eq!(channel_window(4), 4 << 20);
+        assert_eq!(channel_window(15), 2 << 20);
+        assert_eq!(channel_window(usize::MAX), 2 << 20);
     }
 }
