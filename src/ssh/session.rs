@@ -184,6 +184,13 @@ impl Connection {
         Auth::Accept
     }
 
+    /// True once `--max-auth-tries` attempts failed: the disconnect is on its way from the
+    /// connection loop, and a client that pipelined further attempts must not have them
+    /// evaluated meanwhile (sshd never looks at an attempt past the limit).
+    fn exhausted(&self) -> bool {
+        self.conn.auth_failures() >= self.shared.config.limits.max_auth_tries
+    }
+
     /// Count a rejected attempt; past `--max-auth-tries` the server loop disconnects.
     fn count_failure(&self) {
         let failures = self.conn.auth_failures.fetch_add(1, Ordering::SeqCst) + 1;
@@ -405,6 +412,9 @@ impl russh::server::Handler for Connection {
         user: &str,
         offer: PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
+        if self.exhausted() {
+            return Ok(Self::reject());
+        }
         if self.shared.auth.offer_acceptable(user, offer.public_key) {
             Ok(Auth::Accept)
         } else {
@@ -419,6 +429,9 @@ impl russh::server::Handler for Connection {
         user: &str,
         key: VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
+        if self.exhausted() {
+            return Ok(Self::reject());
+        }
         if !self.shared.auth.user_allowed(user) {
             return Ok(self.refuse(user, "publickey", "user not allowed"));
         }
@@ -437,6 +450,9 @@ impl russh::server::Handler for Connection {
         user: &str,
         cert: &Certificate,
     ) -> Result<Auth, Self::Error> {
+        if self.exhausted() {
+            return Ok(Self::reject());
+        }
         if !self.shared.auth.user_allowed(user) {
             return Ok(self.refuse(user, "certificate", "user not allowed"));
         }
