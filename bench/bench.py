@@ -139,6 +139,26 @@ class Client:
         return ["sftp", *self.opts, *extra, "-P", str(srv.port), f"{ME}@127.0.0.1"]
 
 
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid):
+    """CPU time of a server process plus its reaped children (utime+stime+cutime+cstime):
+    sshd's per-connection processes and their `cat`/`scp -t` children, tm-sidecar's children."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / TICKS
+
+
+def settled_cpu_seconds(srv):
+    """Wait (bounded) until the server has no child processes left, so that every process that
+    served the scenario has been reaped and counted, then read its CPU time."""
+    deadline = time.time() + 5
+    while len(srv.pids_fn()) > 1 and time.time() < deadline:
+        time.sleep(0.02)
+    return tree_cpu_seconds(srv.proc.pid)
+
+
 def timed(cmd, **kw):
     t = time.perf_counter()
     r = subprocess.run(cmd, **kw)
@@ -269,33 +289,46 @@ def run(args, work):
         ("memory PSS 100 idle connections", lambda s: memory(s, 100), "KiB"),
     ]
     only = [p.strip() for p in args.only.split(",") if p.strip()]
-    rows = []
+    rows, cpu_rows = [], []
     for name, fn, unit in scenarios:
         if only and not any(name.startswith(p) for p in only):
             continue
         results = {openssh.name: [], sidecar.name: []}
+        cpu = {openssh.name: [], sidecar.name: []}  # server CPU seconds per GiB moved
         error = None
         rounds = 1 if unit == "KiB" else args.rounds
+        moved_mib = {"MiB/s": mib, "agg MiB/s": 15 * args.parallel_mib}.get(unit)
         for _ in range(rounds):
             for srv in (openssh, sidecar):  # A B A B ...
                 try:
+                    cpu0 = settled_cpu_seconds(srv) if moved_mib else 0
                     v = fn(srv)
+                    if moved_mib:
+                        cpu[srv.name].append((settled_cpu_seconds(srv) - cpu0) * 1024 / moved_mib)
                 except Exception as e:  # keep going: report the failure in the table
                     error = f"{srv.name}: {e}"
                     continue
-                if unit == "MiB/s":
-                    v = mib / v
-                elif unit == "agg MiB/s":
-                    v = 15 * args.parallel_mib / v
+                if moved_mib:
+                    v = moved_mib / v
                 results[srv.name].append(v)
         rows.append((name, unit, results[openssh.name], results[sidecar.name], error))
         print_row(rows[-1], flush=True)
+        if moved_mib and cpu[openssh.name] and cpu[sidecar.name]:
+            cpu_rows.append((name, cpu[openssh.name], cpu[sidecar.name]))
 
     print()
     print(f"| scenario | unit | OpenSSH median | tm-sidecar median | ratio | OpenSSH min/max | tm-sidecar min/max |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         print_row(row, table=True)
+    print()
+    print("Server CPU per GiB moved (the server process and its reaped children; lower is better):")
+    print()
+    print("| scenario | OpenSSH s/GiB | tm-sidecar s/GiB | ratio |")
+    print("|---|---|---|---|")
+    for name, a, b in cpu_rows:
+        ma, mb = statistics.median(a), statistics.median(b)
+        print(f"| {name} | {ma:.2f} | {mb:.2f} | {mb / ma if ma else float('nan'):.2f}x |")
     for s in (openssh, sidecar):
         s.stop()
 
