@@ -4,6 +4,8 @@
 //! when the client goes, memory stays bounded, and nothing outside the transfer root changes.
 
 mod common;
+#[path = "support/sftp_wire.rs"]
+mod sftp_wire;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -12,6 +14,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use common::{BIN, outside_state, peak_rss_kib};
+use sftp_wire::{packet, s};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -49,22 +52,6 @@ const F_READ: u32 = 0x01;
 const F_WRITE: u32 = 0x02;
 const F_CREAT: u32 = 0x08;
 const F_TRUNC: u32 = 0x10;
-
-fn s(b: impl AsRef<[u8]>) -> Vec<u8> {
-    let b = b.as_ref();
-    let mut v = (b.len() as u32).to_be_bytes().to_vec();
-    v.extend_from_slice(b);
-    v
-}
-
-fn packet(kind: u8, id: u32, body: &[u8]) -> Vec<u8> {
-    let mut p = vec![kind];
-    p.extend_from_slice(&id.to_be_bytes());
-    p.extend_from_slice(body);
-    let mut out = (p.len() as u32).to_be_bytes().to_vec();
-    out.extend_from_slice(&p);
-    out
-}
 
 fn cat(parts: &[&[u8]]) -> Vec<u8> {
     parts.concat()

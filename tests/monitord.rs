@@ -525,16 +525,7 @@ fn a_busy_listen_address_is_a_clear_error() {
     let busy = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = busy.local_addr().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
-    let keys = dir.path().join("keys");
-    assert!(
-        Command::new(common::BIN)
-            .args(["keygen", "--no-monitord", "--dir"])
-            .arg(&keys)
-            .stdout(Stdio::null())
-            .status()
-            .unwrap()
-            .success()
-    );
+    let keys = common::keygen(dir.path());
     let mut cmd = Command::new(common::BIN);
     cmd.args([
         "serve",

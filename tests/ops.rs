@@ -266,16 +266,7 @@ fn authorized_keys_reload_on_change_and_on_sighup() {
 #[test]
 fn secret_style_symlink_swap_is_picked_up() {
     let dir = tempfile::tempdir().unwrap();
-    let keys = dir.path().join("keys");
-    assert!(
-        Command::new(common::BIN)
-            .args(["keygen", "--no-monitord", "--dir"])
-            .arg(&keys)
-            .stdout(Stdio::null())
-            .status()
-            .unwrap()
-            .success()
-    );
+    let keys = common::keygen(dir.path());
     // /secret/..data -> ..v1 ; /secret/authorized_keys -> ..data/authorized_keys
     let secret = dir.path().join("secret");
     std::fs::create_dir_all(secret.join("..v1")).unwrap();

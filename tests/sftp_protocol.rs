@@ -1,9 +1,13 @@
 //! sftp::serve driven in-process with hand-made packets: malformed input, unknown types,
 //! oversize packets (refused without desync), handle reuse after close, pipelining, confinement.
 
+#[path = "support/sftp_wire.rs"]
+mod sftp_wire;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
+use sftp_wire::{packet, s};
 use tm_sidecar::transfer::{Transfer, sftp};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
@@ -26,21 +30,6 @@ struct Client {
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
     _dir: tempfile::TempDir,
     root: PathBuf,
-}
-
-fn s(b: &[u8]) -> Vec<u8> {
-    let mut v = (b.len() as u32).to_be_bytes().to_vec();
-    v.extend_from_slice(b);
-    v
-}
-
-fn packet(kind: u8, id: u32, body: &[u8]) -> Vec<u8> {
-    let mut p = vec![kind];
-    p.extend_from_slice(&id.to_be_bytes());
-    p.extend_from_slice(body);
-    let mut out = (p.len() as u32).to_be_bytes().to_vec();
-    out.extend_from_slice(&p);
-    out
 }
 
 impl Client {
@@ -138,7 +127,7 @@ async fn unknown_types_and_malformed_requests_get_status_replies() {
     c.send(&packet(EXTENDED, 3, &s(b"nope@example.com"))).await;
     assert_eq!(c.status(3).await, 8);
     // still in sync
-    c.send(&packet(STAT, 4, &s(&c.path("")))).await;
+    c.send(&packet(STAT, 4, &s(c.path("")))).await;
     assert_eq!(c.recv().await.0, 105);
     c.finish().await;
 }
@@ -147,7 +136,7 @@ async fn unknown_types_and_malformed_requests_get_status_replies() {
 async fn oversize_packet_is_refused_without_desync() {
     let mut c = Client::start().await;
     let mut big = packet(WRITE, 7, &vec![0u8; 300 * 1024]);
-    big.extend_from_slice(&packet(STAT, 8, &s(&c.path(""))));
+    big.extend_from_slice(&packet(STAT, 8, &s(c.path(""))));
     c.send(&big).await;
     assert_eq!(c.status(7).await, 5);
     let (kind, body) = c.recv().await;
@@ -233,7 +222,7 @@ async fn confinement_through_sftp() {
         );
     }
     // setstat through the symlink pointing out
-    let mut body = s(&c.path("out"));
+    let mut body = s(c.path("out"));
     body.extend_from_slice(&4u32.to_be_bytes());
     body.extend_from_slice(&0o777u32.to_be_bytes());
     c.send(&packet(SETSTAT, 2, &body)).await;
@@ -242,8 +231,8 @@ async fn confinement_through_sftp() {
     std::fs::write(c.root.join("f"), b"x").unwrap();
     for ext in [&b"posix-rename@openssh.com"[..], b"hardlink@openssh.com"] {
         let mut body = s(ext);
-        body.extend_from_slice(&s(&c.path("f")));
-        body.extend_from_slice(&s(&c.path("../stolen")));
+        body.extend_from_slice(&s(c.path("f")));
+        body.extend_from_slice(&s(c.path("../stolen")));
         c.send(&packet(EXTENDED, 3, &body)).await;
         assert_eq!(c.status(3).await, 3);
     }

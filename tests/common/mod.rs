@@ -89,14 +89,7 @@ impl Sidecar {
     /// here add to them).
     pub fn start_with(extra: &[&str]) -> Sidecar {
         let dir = tempfile::tempdir().expect("tempdir");
-        let keys = dir.path().join("keys");
-        let status = Command::new(BIN)
-            .args(["keygen", "--no-monitord", "--dir"])
-            .arg(&keys)
-            .stdout(Stdio::null())
-            .status()
-            .expect("run keygen");
-        assert!(status.success(), "keygen failed");
+        let keys = keygen(dir.path());
         let root = dir.path().join("datastores");
         let home = dir.path().join("home");
         std::fs::create_dir_all(&root).unwrap();
@@ -337,6 +330,19 @@ impl Drop for StockSshd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `tm-sidecar keygen` into `<dir>/keys` (host key, client key, authorized_keys); returns it.
+pub fn keygen(dir: &Path) -> PathBuf {
+    let keys = dir.join("keys");
+    let status = Command::new(BIN)
+        .args(["keygen", "--no-monitord", "--dir"])
+        .arg(&keys)
+        .stdout(Stdio::null())
+        .status()
+        .expect("run keygen");
+    assert!(status.success(), "keygen failed");
+    keys
 }
 
 /// Make an ed25519 key pair with ssh-keygen; returns (private key path, public line).
