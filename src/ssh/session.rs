@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::escape::{escape, escape_bytes};
-use crate::ssh::auth::Grant;
+use crate::ssh::auth::{AuthPolicy, Grant};
 use crate::ssh::exec::{ChannelJob, Work};
 use crate::ssh::limits::StartupTicket;
 use crate::ssh::pty::{self, Pty, PtyRequest};
@@ -189,6 +189,25 @@ impl Connection {
     /// evaluated meanwhile (sshd never looks at an attempt past the limit).
     fn exhausted(&self) -> bool {
         self.conn.auth_failures() >= self.shared.config.limits.max_auth_tries
+    }
+
+    /// Accept or refuse a signed attempt by `method`, after the checks every method shares.
+    fn decide(
+        &mut self,
+        user: &str,
+        method: &'static str,
+        authorize: impl FnOnce(&AuthPolicy) -> Result<Grant, String>,
+    ) -> Auth {
+        if self.exhausted() {
+            return Self::reject();
+        }
+        if !self.shared.auth.user_allowed(user) {
+            return self.refuse(user, method, "user not allowed");
+        }
+        match authorize(&self.shared.auth) {
+            Ok(grant) => self.accept(user, grant, method),
+            Err(why) => self.refuse(user, method, &why),
+        }
     }
 
     /// Count a rejected attempt; past `--max-auth-tries` the server loop disconnects.
@@ -429,20 +448,11 @@ impl russh::server::Handler for Connection {
         user: &str,
         key: VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
-        if self.exhausted() {
-            return Ok(Self::reject());
-        }
-        if !self.shared.auth.user_allowed(user) {
-            return Ok(self.refuse(user, "publickey", "user not allowed"));
-        }
-        match self
-            .shared
-            .auth
-            .authorize_key(user, key.public_key, Some(self.peer.ip()))
-        {
-            Some(grant) => Ok(self.accept(user, grant, "publickey")),
-            None => Ok(self.refuse(user, "publickey", "key not authorized")),
-        }
+        let ip = Some(self.peer.ip());
+        Ok(self.decide(user, "publickey", |auth| {
+            auth.authorize_key(user, key.public_key, ip)
+                .ok_or_else(|| "key not authorized".to_string())
+        }))
     }
 
     async fn auth_openssh_certificate(
@@ -450,20 +460,10 @@ impl russh::server::Handler for Connection {
         user: &str,
         cert: &Certificate,
     ) -> Result<Auth, Self::Error> {
-        if self.exhausted() {
-            return Ok(Self::reject());
-        }
-        if !self.shared.auth.user_allowed(user) {
-            return Ok(self.refuse(user, "certificate", "user not allowed"));
-        }
-        match self
-            .shared
-            .auth
-            .authorize_certificate(user, cert, Some(self.peer.ip()))
-        {
-            Ok(grant) => Ok(self.accept(user, grant, "certificate")),
-            Err(why) => Ok(self.refuse(user, "certificate", &why)),
-        }
+        let ip = Some(self.peer.ip());
+        Ok(self.decide(user, "certificate", |auth| {
+            auth.authorize_certificate(user, cert, ip)
+        }))
     }
 
     async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
