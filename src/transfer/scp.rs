@@ -297,6 +297,82 @@ pub fn parse_times(line: &[u8]) -> Result<(i64, i64), String> {
 }
 
 /// Run the scp protocol on the channel streams; returns the exit status for `exit-status`.
+/// Writes a file on the blocking pool one buffer behind the network: while buffer k is being
+/// written, buffer k+1 is read from the channel. The buffers are swapped, not copied (a
+/// `tokio::fs::File` would copy each into a buffer of its own). After the first error nothing
+/// more is written and the error is kept for the answer to the client.
+struct BehindWriter {
+    file: Option<Arc<std::fs::File>>,
+    spare: Vec<u8>,
+    pending: Option<tokio::task::JoinHandle<(Vec<u8>, io::Result<()>)>>,
+    error: Option<io::Error>,
+}
+
+impl BehindWriter {
+    /// `spare`: a buffer to swap in (kept from the previous file, so a tree of small files
+    /// does not allocate one per file).
+    fn new(file: std::fs::File, spare: Vec<u8>) -> BehindWriter {
+        BehindWriter {
+            file: Some(Arc::new(file)),
+            spare,
+            pending: None,
+            error: None,
+        }
+    }
+
+    fn failed(e: io::Error, spare: Vec<u8>) -> BehindWriter {
+        BehindWriter {
+            file: None,
+            spare,
+            pending: None,
+            error: Some(e),
+        }
+    }
+
+    /// Wait for the write in flight and keep its buffer for the next swap.
+    async fn settle(&mut self) {
+        if let Some(job) = self.pending.take() {
+            match job.await {
+                Ok((buf, result)) => {
+                    self.spare = buf;
+                    if let Err(e) = result {
+                        self.fail(e);
+                    }
+                }
+                Err(e) => self.fail(io::Error::other(e)),
+            }
+        }
+    }
+
+    fn fail(&mut self, e: io::Error) {
+        self.error.get_or_insert(e);
+        self.file = None;
+    }
+
+    /// Queue `buf[..n]` for writing; `buf` is replaced by the spare buffer (same length) for
+    /// the next read.
+    async fn write(&mut self, buf: &mut Vec<u8>, n: usize) {
+        self.settle().await;
+        let Some(file) = self.file.clone() else {
+            return;
+        };
+        let len = buf.len();
+        let mut next = std::mem::take(&mut self.spare);
+        next.resize(len, 0);
+        let full = std::mem::replace(buf, next);
+        self.pending = Some(tokio::task::spawn_blocking(move || {
+            let result = std::io::Write::write_all(&mut &*file, &full[..n]);
+            (full, result)
+        }));
+    }
+
+    /// Wait for the last write; the first error, if any, and the spare buffer.
+    async fn finish(mut self) -> (Option<io::Error>, Vec<u8>) {
+        self.settle().await;
+        (self.error, self.spare)
+    }
+}
+
 pub async fn serve<R, W, E>(
     cmd: ScpCommand,
     transfer: Arc<Transfer>,
@@ -317,6 +393,7 @@ where
         transfer,
         errs: 0,
         buf: vec![0u8; BUF],
+        spare: Vec::new(),
     };
     let result = if cmd.sink {
         s.sink(&cmd).await
@@ -356,6 +433,8 @@ struct Scp<R, W> {
     transfer: Arc<Transfer>,
     errs: u32,
     buf: Vec<u8>,
+    /// The second buffer of the sink's double buffering (see `BehindWriter`).
+    spare: Vec<u8>,
 }
 
 struct Frame {
@@ -640,13 +719,10 @@ impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> Scp<R, W> {
             }
         };
         self.ack().await?;
-        let mut wrerr: Option<io::Error> = None;
-        let mut file = match upload.file().try_clone() {
-            Ok(f) => Some(tokio::fs::File::from_std(f)),
-            Err(e) => {
-                wrerr = Some(e);
-                None
-            }
+        let spare = std::mem::take(&mut self.spare);
+        let mut writer = match upload.file().try_clone() {
+            Ok(f) => BehindWriter::new(f, spare),
+            Err(e) => BehindWriter::failed(e, spare),
         };
         let mut remaining = size;
         while remaining > 0 {
@@ -663,18 +739,10 @@ impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> Scp<R, W> {
                 return Err(e.into());
             }
             remaining -= n as u64;
-            if let Some(f) = file.as_mut()
-                && let Err(e) = f.write_all(&self.buf[..n]).await
-            {
-                wrerr = Some(e);
-                file = None;
-            }
+            writer.write(&mut self.buf, n).await;
         }
-        if let Some(mut f) = file
-            && let Err(e) = f.flush().await
-        {
-            wrerr = Some(e);
-        }
+        let (wrerr, spare) = writer.finish().await;
+        self.spare = spare;
         self.transfer
             .count_bytes(Protocol::Scp, Direction::Upload, size);
         // The source ends the file with its own status byte.
