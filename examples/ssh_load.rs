@@ -21,7 +21,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use futures::StreamExt;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -43,41 +42,15 @@ struct Args {
     concurrency: usize,
 }
 
-fn raise_nofile(want: u64) {
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let cur = getrlimit(Resource::Nofile);
-    if cur.current.is_some_and(|c| c < want) {
-        let target = cur.maximum.map_or(want, |m| m.min(want));
-        let _ = setrlimit(
-            Resource::Nofile,
-            Rlimit {
-                current: Some(target),
-                maximum: cur.maximum,
-            },
-        );
-    }
-}
-
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    raise_nofile(args.count as u64 + 256);
+    sshc::raise_nofile(args.count as u64 + 256);
     let key = sshc::load_key(&args.key);
     let began = Instant::now();
-    let results: Vec<_> = futures::stream::iter(0..args.count)
-        .map(|_| sshc::connect(args.target, &args.user, &key))
-        .buffer_unordered(args.concurrency.max(1))
-        .collect()
-        .await;
+    let (conns, mut errors) =
+        sshc::connect_many(args.target, &args.user, &key, args.count, args.concurrency).await;
     let connect_seconds = began.elapsed().as_secs_f64();
-    let mut conns = vec![];
-    let mut errors = vec![];
-    for r in results {
-        match r {
-            Ok(c) => conns.push(c),
-            Err(e) => errors.push(e.to_string()),
-        }
-    }
     errors.sort();
     errors.dedup();
     println!(

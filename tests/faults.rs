@@ -769,20 +769,7 @@ fn authorized_keys_deleted_at_runtime_refuses_new_logins_only() {
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
-    let via_master = |cmd: &str| {
-        let mut c = Command::new("ssh");
-        c.arg("-S").arg(&ctl).args([
-            "-o",
-            "ControlMaster=no",
-            "-F",
-            "/dev/null",
-            "-p",
-            "9",
-            "127.0.0.1",
-            cmd,
-        ]);
-        run(&mut c, T)
-    };
+    let via_master = |cmd: &str| run(&mut common::mux_client(&ctl, cmd), T);
     wait_until("the master to be up", T, || {
         via_master("true").status.success()
     });

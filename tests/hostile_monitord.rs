@@ -10,7 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use base64::Engine;
-use common::{Sidecar, UpstreamSink, metric, peak_rss_kib, wait_until};
+use common::admin::scrape_value;
+use common::{Sidecar, UpstreamSink, peak_rss_kib, wait_until};
 
 const WAIT: Duration = Duration::from_secs(30);
 const GOOD: &[u8] = b"BEACON_HOST SUCCESS 3 1724150010 eNozNDcyMTQ1MDA0AAAK8AH2";
@@ -47,7 +48,7 @@ fn send_tcp(to: SocketAddr, m: &[u8]) {
 }
 
 fn rejected(sc: &Sidecar, transport: &str, reason: &str) -> f64 {
-    metric(
+    scrape_value(
         sc,
         "tm_sidecar_monitord_rejected_total",
         &[("transport", transport), ("reason", reason)],
@@ -55,7 +56,7 @@ fn rejected(sc: &Sidecar, transport: &str, reason: &str) -> f64 {
 }
 
 fn accepted(sc: &Sidecar) -> f64 {
-    metric(sc, "tm_sidecar_monitord_messages_total", &[])
+    scrape_value(sc, "tm_sidecar_monitord_messages_total", &[])
 }
 
 /// Still healthy and still relaying a good datagram byte-identical.
@@ -66,7 +67,7 @@ fn still_relays(sc: &Sidecar, sink: &UpstreamSink) {
         sink.udp().len() > before
     });
     assert_eq!(sink.udp().last().map(Vec::as_slice), Some(GOOD));
-    let (code, _) = common::http_get(sc.admin.unwrap(), "/healthz");
+    let (code, _) = common::admin::http_get(sc.admin.unwrap(), "/healthz");
     assert_eq!(code, 200);
 }
 
@@ -223,7 +224,7 @@ fn tcp_bombs_oversize_streams_and_connection_floods_are_bounded() {
     drop(idle);
     // Once the slots are free, a good TCP message gets through.
     wait_until(WAIT, "idle connections released", || {
-        metric(&sc, "tm_sidecar_monitord_tcp_connections", &[]) == 0.0
+        scrape_value(&sc, "tm_sidecar_monitord_tcp_connections", &[]) == 0.0
     });
     send_tcp(to, GOOD);
     wait_until(WAIT, "a good TCP message relayed", || {
@@ -268,13 +269,13 @@ fn a_mixed_flood_is_counted_exactly_and_only_valid_messages_are_relayed() {
         // One batch at a time, so that no socket buffer overflows on a slow machine.
         let want = ((b + 1) * per_batch) as f64;
         wait_until(WAIT, "a batch counted", || {
-            accepted(&sc) + metric(&sc, "tm_sidecar_monitord_rejected_total", &[]) >= want
+            accepted(&sc) + scrape_value(&sc, "tm_sidecar_monitord_rejected_total", &[]) >= want
         });
     }
     let total = (batches * per_batch) as f64;
     assert_eq!(accepted(&sc), total / 2.0);
     assert_eq!(
-        metric(&sc, "tm_sidecar_monitord_rejected_total", &[]),
+        scrape_value(&sc, "tm_sidecar_monitord_rejected_total", &[]),
         total / 2.0
     );
     wait_until(WAIT, "every valid datagram relayed", || {
@@ -285,11 +286,11 @@ fn a_mixed_flood_is_counted_exactly_and_only_valid_messages_are_relayed() {
     valid.sort();
     assert_eq!(got, valid, "exactly the valid datagrams, byte-identical");
     // The host table stays bounded; the rest are counted as untracked.
-    let (_, hosts) = common::http_get(sc.admin.unwrap(), "/api/v1/hosts");
+    let (_, hosts) = common::admin::http_get(sc.admin.unwrap(), "/api/v1/hosts");
     let hosts: serde_json::Value = serde_json::from_str(&hosts).unwrap();
     assert_eq!(hosts["count"], 50);
     assert_eq!(
-        metric(&sc, "tm_sidecar_monitord_untracked_hosts_total", &[]),
+        scrape_value(&sc, "tm_sidecar_monitord_untracked_hosts_total", &[]),
         total / 2.0 - 50.0
     );
     still_relays(&sc, &sink);
@@ -349,7 +350,7 @@ fn payloads_that_are_not_templates_are_counted_and_still_relayed() {
         let m = msg("MONITOR_VM", 10 + i as i64, &b64(&zlib(p, 9)));
         send_udp(to, &m);
         wait_until(WAIT, "payload error counted", || {
-            metric(&sc, "tm_sidecar_monitord_payload_errors_total", &[]) >= (i + 1) as f64
+            scrape_value(&sc, "tm_sidecar_monitord_payload_errors_total", &[]) >= (i + 1) as f64
         });
     }
     // Well-formed messages are relayed as they are (onemonitord decides about the payload).

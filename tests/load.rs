@@ -207,7 +207,7 @@ fn a_thousand_idle_authenticated_connections_are_held_and_released() {
         "3",
     ]);
     let s = Sidecar::start_with(&flags);
-    let nofile = util::raise_nofile(n as u64 + 512);
+    let nofile = sshc::raise_nofile(n as u64 + 512);
     assert!(
         nofile >= n as u64 + 256,
         "RLIMIT_NOFILE {nofile} is too low for {n} connections"
@@ -229,23 +229,8 @@ fn a_thousand_idle_authenticated_connections_are_held_and_released() {
     // Two rounds: a leak would show as RSS growing from one to the next, and at the end.
     for round in 1..=2 {
         let began = Instant::now();
-        let results: Vec<_> = rt.block_on(async {
-            use futures::StreamExt;
-            futures::stream::iter(0..n)
-                .map(|_| sshc::connect(addr, &user, &key))
-                .buffer_unordered(64)
-                .collect()
-                .await
-        });
+        let (conns, errors) = rt.block_on(sshc::connect_many(addr, &user, &key, n, 64));
         let connect_time = began.elapsed();
-        let mut conns = vec![];
-        let mut errors = vec![];
-        for r in results {
-            match r {
-                Ok(c) => conns.push(c),
-                Err(e) => errors.push(e.to_string()),
-            }
-        }
         assert!(errors.is_empty(), "{} failed: {:?}", errors.len(), errors);
         wait_until("every connection authenticated on the server", T, || {
             let m = metrics(&s);

@@ -43,24 +43,6 @@ fn master(s: &Sidecar) -> (std::path::PathBuf, std::process::Child) {
     (ctl, child)
 }
 
-/// A client multiplexed over the master. When the master refuses the session, OpenSSH falls
-/// back to a direct connection: aim that at the discard port so it fails at once instead of
-/// waiting on a DNS lookup or reaching the sidecar.
-fn via(ctl: &std::path::Path, cmd: &str) -> Command {
-    let mut c = Command::new("ssh");
-    c.args(["-S"]).arg(ctl).args([
-        "-o",
-        "ControlMaster=no",
-        "-F",
-        "/dev/null",
-        "-p",
-        "9",
-        "127.0.0.1",
-        cmd,
-    ]);
-    c
-}
-
 #[test]
 fn fifteen_concurrent_sessions_keep_their_own_exit_codes() {
     let s = Sidecar::start();
@@ -73,7 +55,7 @@ fn fifteen_concurrent_sessions_keep_their_own_exit_codes() {
         } else {
             format!("echo session-{i}; exit {i}")
         };
-        let child = via(&ctl, &cmd)
+        let child = common::mux_client(&ctl, &cmd)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -108,13 +90,13 @@ fn a_stalled_channel_does_not_block_the_others() {
     // Channel A pushes 16 MiB into a command that does not read stdin for 5 seconds.
     let data = s.dir.path().join("16m");
     std::fs::write(&data, vec![7u8; 16 << 20]).unwrap();
-    let mut stalled = via(&ctl, "sleep 5; cat >/dev/null; echo drained")
+    let mut stalled = common::mux_client(&ctl, "sleep 5; cat >/dev/null; echo drained")
         .stdin(std::fs::File::open(&data).unwrap())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     // Channel B must complete while A is still sleeping (A needs at least 5 s).
-    let out = run(&mut via(&ctl, "echo fast"), T);
+    let out = run(&mut common::mux_client(&ctl, "echo fast"), T);
     assert_eq!(out.stdout, b"fast\n");
     assert!(
         stalled.try_wait().unwrap().is_none(),
@@ -129,11 +111,11 @@ fn a_stalled_channel_does_not_block_the_others() {
 fn sessions_past_the_cap_are_refused_cleanly() {
     let s = Sidecar::start_with(&["--max-sessions", "2"]);
     let (ctl, mut m) = master(&s);
-    let mut a = via(&ctl, "cat >/dev/null")
+    let mut a = common::mux_client(&ctl, "cat >/dev/null")
         .stdin(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut b = via(&ctl, "cat >/dev/null")
+    let mut b = common::mux_client(&ctl, "cat >/dev/null")
         .stdin(Stdio::piped())
         .spawn()
         .unwrap();
@@ -147,7 +129,7 @@ fn sessions_past_the_cap_are_refused_cleanly() {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let probe = run(&mut via(&ctl, "true"), T);
+    let probe = run(&mut common::mux_client(&ctl, "true"), T);
     assert!(!probe.status.success(), "a third session got through");
     assert!(
         s.logs
@@ -160,6 +142,10 @@ fn sessions_past_the_cap_are_refused_cleanly() {
     assert!(wait_timeout(&mut a, T).unwrap().success());
     assert!(wait_timeout(&mut b, T).unwrap().success());
     // after they end, new sessions work again
-    assert!(run(&mut via(&ctl, "true"), T).status.success());
+    assert!(
+        run(&mut common::mux_client(&ctl, "true"), T)
+            .status
+            .success()
+    );
     let _ = m.kill();
 }

@@ -296,7 +296,6 @@ pub fn parse_times(line: &[u8]) -> Result<(i64, i64), String> {
     Ok((atime, mtime))
 }
 
-/// Run the scp protocol on the channel streams; returns the exit status for `exit-status`.
 /// Writes a file on the blocking pool one buffer behind the network: while buffer k is being
 /// written, buffer k+1 is read from the channel. The buffers are swapped, not copied (a
 /// `tokio::fs::File` would copy each into a buffer of its own). After the first error nothing
@@ -309,23 +308,19 @@ struct BehindWriter {
 }
 
 impl BehindWriter {
-    /// `spare`: a buffer to swap in (kept from the previous file, so a tree of small files
-    /// does not allocate one per file).
-    fn new(file: std::fs::File, spare: Vec<u8>) -> BehindWriter {
+    /// `file`: where to write (an error here is kept and answered like a write error);
+    /// `spare`: a buffer to swap in (kept from the previous file, so a tree of small files does
+    /// not allocate one per file).
+    fn new(file: io::Result<std::fs::File>, spare: Vec<u8>) -> BehindWriter {
+        let (file, error) = match file {
+            Ok(f) => (Some(Arc::new(f)), None),
+            Err(e) => (None, Some(e)),
+        };
         BehindWriter {
-            file: Some(Arc::new(file)),
+            file,
             spare,
             pending: None,
-            error: None,
-        }
-    }
-
-    fn failed(e: io::Error, spare: Vec<u8>) -> BehindWriter {
-        BehindWriter {
-            file: None,
-            spare,
-            pending: None,
-            error: Some(e),
+            error,
         }
     }
 
@@ -373,6 +368,7 @@ impl BehindWriter {
     }
 }
 
+/// Run the scp protocol on the channel streams; returns the exit status for `exit-status`.
 pub async fn serve<R, W, E>(
     cmd: ScpCommand,
     transfer: Arc<Transfer>,
@@ -720,10 +716,7 @@ impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> Scp<R, W> {
         };
         self.ack().await?;
         let spare = std::mem::take(&mut self.spare);
-        let mut writer = match upload.file().try_clone() {
-            Ok(f) => BehindWriter::new(f, spare),
-            Err(e) => BehindWriter::failed(e, spare),
-        };
+        let mut writer = BehindWriter::new(upload.file().try_clone(), spare);
         let mut remaining = size;
         while remaining > 0 {
             // Whole buffers, not the 32 KiB packets as they come: each write is a hop to a

@@ -570,41 +570,22 @@ impl UpstreamSink {
     }
 }
 
-/// GET `path` from an HTTP/1.0 endpoint: (status code, body).
-pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect admin");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut resp = vec![];
-    s.read_to_end(&mut resp).unwrap();
-    let resp = String::from_utf8_lossy(&resp).into_owned();
-    let (head, body) = resp.split_once("\r\n\r\n").expect("HTTP response");
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status code");
-    (code, body.to_string())
-}
-
-/// Sum of the `/metrics` samples named `name` that carry every `label="value"` of `labels`.
-pub fn metric(s: &Sidecar, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let (code, body) = http_get(s.admin.expect("admin address"), "/metrics");
-    assert_eq!(code, 200);
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
-            (n == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
-            .then(|| value.parse::<f64>().ok())
-            .flatten()
-        })
-        .sum()
+/// A client multiplexed over the master. When the master refuses the session, OpenSSH falls
+/// back to a direct connection: aim that at the discard port so it fails at once instead of
+/// waiting on a DNS lookup or reaching the sidecar.
+pub fn mux_client(ctl: &std::path::Path, cmd: &str) -> Command {
+    let mut c = Command::new("ssh");
+    c.args(["-S"]).arg(ctl).args([
+        "-o",
+        "ControlMaster=no",
+        "-F",
+        "/dev/null",
+        "-p",
+        "9",
+        "127.0.0.1",
+        cmd,
+    ]);
+    c
 }
 
 /// Poll `cond` until it holds, for at most `timeout`; panics naming `what` otherwise.

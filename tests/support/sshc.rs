@@ -33,6 +33,53 @@ pub fn load_key(path: &Path) -> Arc<PrivateKey> {
     Arc::new(load_secret_key(path, None).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
 }
 
+/// Open `n` connections, at most `concurrency` handshakes at a time: the connections that came
+/// up, and the errors of those that did not.
+pub async fn connect_many(
+    addr: SocketAddr,
+    user: &str,
+    key: &Arc<PrivateKey>,
+    n: usize,
+    concurrency: usize,
+) -> (Vec<Conn>, Vec<String>) {
+    use futures::StreamExt;
+    let results: Vec<_> = futures::stream::iter(0..n)
+        .map(|_| connect(addr, user, key))
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    let mut conns = vec![];
+    let mut errors = vec![];
+    for r in results {
+        match r {
+            Ok(c) => conns.push(c),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    (conns, errors)
+}
+
+/// Raise this process's soft RLIMIT_NOFILE to at least `want` (up to the hard limit), as many
+/// connections need; children (the sidecar, OpenSSH clients) inherit it. Returns the soft
+/// limit in force.
+pub fn raise_nofile(want: u64) -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let cur = getrlimit(Resource::Nofile);
+    let soft = cur.current.unwrap_or(u64::MAX);
+    if soft >= want {
+        return soft;
+    }
+    let target = cur.maximum.map_or(want, |m| m.min(want));
+    let _ = setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(target),
+            maximum: cur.maximum,
+        },
+    );
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
 /// Connect and authenticate with `key` as `user`.
 pub async fn connect(addr: SocketAddr, user: &str, key: &Arc<PrivateKey>) -> anyhow::Result<Conn> {
     let config = Arc::new(client::Config {

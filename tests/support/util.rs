@@ -113,26 +113,6 @@ pub fn vm_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Raise this process's soft RLIMIT_NOFILE to at least `want` (up to the hard limit); children
-/// (the sidecar, OpenSSH clients) inherit it. Returns the soft limit in force.
-pub fn raise_nofile(want: u64) -> u64 {
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let cur = getrlimit(Resource::Nofile);
-    let soft = cur.current.unwrap_or(u64::MAX);
-    if soft >= want {
-        return soft;
-    }
-    let target = cur.maximum.map_or(want, |m| m.min(want));
-    let _ = setrlimit(
-        Resource::Nofile,
-        Rlimit {
-            current: Some(target),
-            maximum: cur.maximum,
-        },
-    );
-    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
-}
-
 /// A small tmpfs on a temp dir, unmounted on drop (the tests run as root in CI).
 pub struct Tmpfs(pub tempfile::TempDir);
 
