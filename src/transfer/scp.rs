@@ -764,9 +764,11 @@ impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> Scp<R, W> {
             })
             .await;
         match committed {
-            Ok(()) => {
+            Ok(replaced) => {
                 self.transfer.count_file(Protocol::Scp, Direction::Upload);
-                self.ack().await
+                let acked = self.ack().await;
+                replaced.release_in_background();
+                acked
             }
             Err(e) => self.path_err(&np.display, &e).await,
         }

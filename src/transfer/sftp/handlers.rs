@@ -56,9 +56,15 @@ impl Ctx {
         let (tx, rx) = std::sync::mpsc::channel();
         let out = self.out.clone();
         let transfer = self.transfer.clone();
+        // The worker runs in the runtime's context so it can hand slow clean-up to the
+        // blocking pool (see `Replaced`).
+        let rt = tokio::runtime::Handle::try_current().ok();
         let thread = std::thread::Builder::new()
             .name("sftp-handle".into())
-            .spawn(move || worker(obj, rx, out, transfer))?;
+            .spawn(move || {
+                let _rt = rt.as_ref().map(|h| h.enter());
+                worker(obj, rx, out, transfer)
+            })?;
         handles.insert(h, HandleEntry { tx, thread });
         Ok(h)
     }

@@ -15,7 +15,7 @@ use super::Out;
 use super::attrs;
 use super::codec::*;
 use super::extensions::statvfs_reply;
-use crate::transfer::fs::{SetAttrs, Upload, errno};
+use crate::transfer::fs::{Replaced, SetAttrs, Upload, errno};
 use crate::transfer::{Direction, Protocol, Transfer};
 
 /// A request for a handle's worker.
@@ -86,11 +86,16 @@ pub fn worker(
 ) {
     while let Ok(job) = rx.recv() {
         if let HandleOp::Close = job.op {
-            let r = close(obj, job.id, &transfer);
+            let (r, replaced) = close(obj, job.id, &transfer);
             let _ = out.send(Out {
                 bytes: r,
                 permit: Some(job.permit),
             });
+            // Only now, with the client answered, release the file an upload replaced (not
+            // on this thread: the session end joins it).
+            if let Some(r) = replaced {
+                r.release_in_background();
+            }
             return;
         }
         let reply = run(&mut obj, job.id, job.op, &transfer);
@@ -102,8 +107,9 @@ pub fn worker(
     // The session ended with the handle open: dropping `obj` removes an unfinished upload.
 }
 
-fn close(obj: Obj, id: u32, transfer: &Transfer) -> Bytes {
-    match obj {
+/// Close a handle: the reply, and the file a committed upload replaced (if any).
+fn close(obj: Obj, id: u32, transfer: &Transfer) -> (Bytes, Option<Replaced>) {
+    let reply = match obj {
         Obj::Dir(_) => ok(id),
         Obj::File(f) => {
             let dir = if f.writable {
@@ -121,9 +127,9 @@ fn close(obj: Obj, id: u32, transfer: &Transfer) -> Bytes {
                     )
                 }
                 FileKind::Upload(u) => match u.commit() {
-                    Ok(()) => {
+                    Ok(replaced) => {
                         transfer.count_file(Protocol::Sftp, dir);
-                        ok(id)
+                        return (ok(id), Some(replaced));
                     }
                     Err(e) => io_status(id, &e),
                 },
@@ -135,7 +141,8 @@ fn close(obj: Obj, id: u32, transfer: &Transfer) -> Bytes {
                 }
             }
         }
-    }
+    };
+    (reply, None)
 }
 
 fn run(obj: &mut Obj, id: u32, op: HandleOp, transfer: &Transfer) -> Bytes {

@@ -52,8 +52,9 @@ where
 
     // Input is closed. First let every request in flight finish (a path request still running
     // may yet open a handle), then end the handle workers: open uploads are discarded, and
-    // workers of closed handles are joined too, so nothing of this session touches the
-    // filesystem after we return.
+    // workers of closed handles are joined too, so nothing of this session changes the
+    // filesystem after we return (only the blocks of files that uploads replaced may still be
+    // being released, see `Replaced`).
     let _ = sem.acquire_many(MAX_IN_FLIGHT as u32).await;
     let entries = ctx.drain();
     let closed = ctx.take_closed();
