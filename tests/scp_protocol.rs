@@ -219,3 +219,85 @@ async fn source_sends_files_trees_and_globs() {
         assert!(!String::from_utf8_lossy(&out).contains("root:"), "{bad}");
     }
 }
+
+#[tokio::test]
+async fn source_keeps_the_stream_in_sync_when_a_file_shrinks() {
+    let e = env();
+    // three chunks of the source's read-ahead (256 KiB each), distinct bytes throughout
+    let content: Vec<u8> = (0..600 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let path = e.root.join("shrinking.img");
+    std::fs::write(&path, &content).unwrap();
+    let cmd = scp::parse(format!("scp -f {}", path.display()).as_bytes()).unwrap();
+    let (mut client_in, server_in) = tokio::io::duplex(1 << 20);
+    let (server_out, mut client_out) = tokio::io::duplex(1 << 20);
+    let server = tokio::spawn(scp::serve(
+        cmd,
+        e.transfer.clone(),
+        server_in,
+        server_out,
+        tokio::io::sink(),
+    ));
+    client_in.write_all(b"\0").await.unwrap();
+    let header = format!("C0644 {} shrinking.img\n", content.len());
+    let mut got = vec![0; header.len()];
+    client_out.read_exact(&mut got).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&got), header);
+    // the file loses half its bytes after the header went out, before the data is read
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(300 * 1024)
+        .unwrap();
+    client_in.write_all(b"\0").await.unwrap();
+    let mut data = vec![0; content.len()];
+    client_out.read_exact(&mut data).await.unwrap();
+    assert!(
+        data[..300 * 1024] == content[..300 * 1024],
+        "what is left is sent"
+    );
+    assert!(data[300 * 1024..].iter().all(|&b| b == 0), "then zeros");
+    // then an error instead of the success byte, and the stream is still in step
+    client_in.write_all(b"\0").await.unwrap();
+    client_in.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), client_out.read_to_end(&mut rest))
+        .await
+        .expect("server finishes")
+        .unwrap();
+    assert_eq!(
+        rest.first(),
+        Some(&1u8),
+        "{:?}",
+        String::from_utf8_lossy(&rest)
+    );
+    assert!(String::from_utf8_lossy(&rest).starts_with("\u{1}scp: "));
+    let status = tokio::time::timeout(Duration::from_secs(20), server)
+        .await
+        .expect("server finishes")
+        .unwrap();
+    assert_eq!(status, 1);
+}
+
+#[tokio::test]
+async fn source_sends_large_files_in_order() {
+    let e = env();
+    // several read-ahead chunks and a partial last one
+    let content: Vec<u8> = (0..(3 * 256 * 1024 + 4321) as u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(e.root.join("big.img"), &content).unwrap();
+    std::fs::write(e.root.join("small.img"), b"tail").unwrap();
+    let cmd = format!("scp -f {0}/big.img {0}/small.img", e.root.display());
+    let (status, out) = run(&e, &cmd, &[0; 5]).await;
+    assert_eq!(status, 0);
+    let mut expected = format!("C0644 {} big.img\n", content.len()).into_bytes();
+    expected.extend_from_slice(&content);
+    expected.extend_from_slice(b"\0C0644 4 small.img\ntail\0");
+    assert!(
+        out == expected,
+        "{} bytes instead of {}",
+        out.len(),
+        expected.len()
+    );
+}

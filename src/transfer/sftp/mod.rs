@@ -74,7 +74,7 @@ where
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(output: W, mut rx: mpsc::UnboundedReceiver<Out>) {
-    let mut w = BufWriter::with_capacity(512 * 1024, output);
+    let mut w = BufWriter::with_capacity(64 * 1024, output);
     while let Some(out) = rx.recv().await {
         if w.write_all(&out.bytes).await.is_err() {
             break;
