@@ -74,6 +74,9 @@ where
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(output: W, mut rx: mpsc::UnboundedReceiver<Out>) {
+    // Small replies (status, attributes, names) coalesce here; DATA replies of 64 KiB or more
+    // go straight through (tokio's BufWriter writes them after what it holds), which saves a
+    // copy of every byte downloaded.
     let mut w = BufWriter::with_capacity(64 * 1024, output);
     while let Some(out) = rx.recv().await {
         if w.write_all(&out.bytes).await.is_err() {
