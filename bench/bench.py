@@ -2,7 +2,7 @@
 """Side-by-side benchmarks: tm-sidecar against a stock OpenSSH sshd on loopback.
 
 Both servers run on this machine with their own keys and accept the same client key; every
-scenario runs alternately against each (A B A B ...) for --rounds rounds with the same OpenSSH
+scenario runs alternately against each (A B, B A, A B ...) for --rounds rounds with the same OpenSSH
 client, data comes from tmpfs (/dev/shm), and the table shows medians, min/max and the ratio.
 Started by bench/run.sh, which installs what is missing and builds the release binary.
 """
@@ -282,6 +282,9 @@ def run(args, work):
         (f"scp (SFTP) download {mib} MiB", lambda s: scp_down(s, False), "MiB/s"),
         (f"sftp put {mib} MiB", lambda s: sftp_batch(s, f"put {src} {dst}\n"), "MiB/s"),
         (f"sftp get {mib} MiB", lambda s: sftp_batch(s, f"get {src} {dst}\n"), "MiB/s"),
+        # the same download with the client writing nowhere (as exec download does): on 2 cores
+        # the client's own tmpfs writes otherwise take the CPU the server leaves it
+        (f"sftp get {mib} MiB to /dev/null", lambda s: sftp_batch(s, f"get {src} /dev/null\n"), "MiB/s"),
         ("new connection + true x100", new_conn, "s"),
         ("exec over ControlMaster x100", mux_exec, "s"),
         (f"15 parallel {args.parallel_mib} MiB uploads (mux)", mux_parallel, "agg MiB/s"),
@@ -298,8 +301,9 @@ def run(args, work):
         error = None
         rounds = 1 if unit == "KiB" else args.rounds
         moved_mib = {"MiB/s": mib, "agg MiB/s": 15 * args.parallel_mib}.get(unit)
-        for _ in range(rounds):
-            for srv in (openssh, sidecar):  # A B A B ...
+        for r in range(rounds):
+            # A B, B A, A B ...: neither server always runs right after the other one
+            for srv in (openssh, sidecar) if r % 2 == 0 else (sidecar, openssh):
                 try:
                     cpu0 = settled_cpu_seconds(srv) if moved_mib else 0
                     v = fn(srv)
