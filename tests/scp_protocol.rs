@@ -223,7 +223,7 @@ async fn source_sends_files_trees_and_globs() {
 #[tokio::test]
 async fn source_keeps_the_stream_in_sync_when_a_file_shrinks() {
     let e = env();
-    // three chunks of the source's read-ahead (256 KiB each), distinct bytes throughout
+    // more than two of the source's 256 KiB buffers, distinct bytes throughout
     let content: Vec<u8> = (0..600 * 1024u32).map(|i| (i % 251) as u8).collect();
     let path = e.root.join("shrinking.img");
     std::fs::write(&path, &content).unwrap();
@@ -282,7 +282,7 @@ async fn source_keeps_the_stream_in_sync_when_a_file_shrinks() {
 #[tokio::test]
 async fn source_sends_large_files_in_order() {
     let e = env();
-    // several read-ahead chunks and a partial last one
+    // several of the source's 256 KiB buffers and a partial last one
     let content: Vec<u8> = (0..(3 * 256 * 1024 + 4321) as u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();

@@ -881,7 +881,7 @@ impl Upload {
 /// file's blocks is slow (a third of a second for 2 GiB on tmpfs) and the rename would do it
 /// while the client waits for its answer; dropping this does it instead, so drop it after
 /// answering, on a thread that may block ([`Replaced::release_in_background`] from async code).
-#[derive(Debug)]
+#[derive(Debug, Default)]
 #[must_use = "dropping it at once releases the old file's storage before the client is answered"]
 pub struct Replaced(Option<OwnedFd>);
 

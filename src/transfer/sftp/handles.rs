@@ -93,9 +93,7 @@ pub fn worker(
             });
             // Only now, with the client answered, release the file an upload replaced (not
             // on this thread: the session end joins it).
-            if let Some(r) = replaced {
-                r.release_in_background();
-            }
+            replaced.release_in_background();
             return;
         }
         let reply = run(&mut obj, job.id, job.op, &transfer);
@@ -107,8 +105,8 @@ pub fn worker(
     // The session ended with the handle open: dropping `obj` removes an unfinished upload.
 }
 
-/// Close a handle: the reply, and the file a committed upload replaced (if any).
-fn close(obj: Obj, id: u32, transfer: &Transfer) -> (Bytes, Option<Replaced>) {
+/// Close a handle: the reply, and the file a committed upload replaced (none otherwise).
+fn close(obj: Obj, id: u32, transfer: &Transfer) -> (Bytes, Replaced) {
     let reply = match obj {
         Obj::Dir(_) => ok(id),
         Obj::File(f) => {
@@ -129,7 +127,7 @@ fn close(obj: Obj, id: u32, transfer: &Transfer) -> (Bytes, Option<Replaced>) {
                 FileKind::Upload(u) => match u.commit() {
                     Ok(replaced) => {
                         transfer.count_file(Protocol::Sftp, dir);
-                        return (ok(id), Some(replaced));
+                        return (ok(id), replaced);
                     }
                     Err(e) => io_status(id, &e),
                 },
@@ -142,7 +140,7 @@ fn close(obj: Obj, id: u32, transfer: &Transfer) -> (Bytes, Option<Replaced>) {
             }
         }
     };
-    (reply, None)
+    (reply, Replaced::default())
 }
 
 fn run(obj: &mut Obj, id: u32, op: HandleOp, transfer: &Transfer) -> Bytes {
