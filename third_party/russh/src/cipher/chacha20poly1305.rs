@@ -37,10 +37,14 @@ impl super::Cipher for SshChacha20Poly1305Cipher {
         _: &[u8],
         _: &dyn MacAlgorithm,
     ) -> Box<dyn super::OpeningKey + Send> {
-        Box::new(OpeningKey(chacha20_poly1305_openssh::OpeningKey::new(
-            #[allow(clippy::unwrap_used)]
-            k.try_into().unwrap(),
-        )))
+        #[allow(clippy::unwrap_used)]
+        let k: &[u8; 64] = k.try_into().unwrap();
+        // tm-sidecar patch: OpenSSL's faster ChaCha20/Poly1305 when it is there and agrees.
+        #[cfg(feature = "openssl")]
+        if let Some(fast) = super::chacha20poly1305_openssl::OpeningKey::new(k) {
+            return Box::new(fast);
+        }
+        Box::new(OpeningKey(chacha20_poly1305_openssh::OpeningKey::new(k)))
     }
 
     fn make_sealing_key(
@@ -50,10 +54,14 @@ impl super::Cipher for SshChacha20Poly1305Cipher {
         _: &[u8],
         _: &dyn MacAlgorithm,
     ) -> Box<dyn super::SealingKey + Send> {
-        Box::new(SealingKey(chacha20_poly1305_openssh::SealingKey::new(
-            #[allow(clippy::unwrap_used)]
-            k.try_into().unwrap(),
-        )))
+        #[allow(clippy::unwrap_used)]
+        let k: &[u8; 64] = k.try_into().unwrap();
+        // tm-sidecar patch: OpenSSL's faster ChaCha20/Poly1305 when it is there and agrees.
+        #[cfg(feature = "openssl")]
+        if let Some(fast) = super::chacha20poly1305_openssl::SealingKey::new(k) {
+            return Box::new(fast);
+        }
+        Box::new(SealingKey(chacha20_poly1305_openssh::SealingKey::new(k)))
     }
 }
 
@@ -99,18 +107,7 @@ impl super::OpeningKey for OpeningKey {
 
 impl super::SealingKey for SealingKey {
     fn padding_length(&self, payload: &[u8]) -> usize {
-        let block_size = 8;
-        let extra_len = super::PACKET_LENGTH_LEN + super::PADDING_LENGTH_LEN;
-        let padding_len = if payload.len() + extra_len <= super::MINIMUM_PACKET_LEN {
-            super::MINIMUM_PACKET_LEN - payload.len() - super::PADDING_LENGTH_LEN
-        } else {
-            block_size - ((super::PADDING_LENGTH_LEN + payload.len()) % block_size)
-        };
-        if padding_len < super::PACKET_LENGTH_LEN {
-            padding_len + block_size
-        } else {
-            padding_len
-        }
+        padding_length(payload)
     }
 
     // As explained in "SSH via CTR mode with stateful decryption" in
@@ -139,5 +136,21 @@ impl super::SealingKey for SealingKey {
             #[allow(clippy::unwrap_used)]
             tag.try_into().unwrap(),
         );
+    }
+}
+
+// tm-sidecar patch: shared with chacha20poly1305_openssl.rs.
+pub(super) fn padding_length(payload: &[u8]) -> usize {
+    let block_size = 8;
+    let extra_len = super::PACKET_LENGTH_LEN + super::PADDING_LENGTH_LEN;
+    let padding_len = if payload.len() + extra_len <= super::MINIMUM_PACKET_LEN {
+        super::MINIMUM_PACKET_LEN - payload.len() - super::PADDING_LENGTH_LEN
+    } else {
+        block_size - ((super::PADDING_LENGTH_LEN + payload.len()) % block_size)
+    };
+    if padding_len < super::PACKET_LENGTH_LEN {
+        padding_len + block_size
+    } else {
+        padding_len
     }
 }

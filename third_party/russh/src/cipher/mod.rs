@@ -43,6 +43,12 @@ use crate::sshbuffer::SSHBuffer;
 pub(crate) mod block;
 pub(crate) mod cbc;
 pub(crate) mod chacha20poly1305;
+// tm-sidecar patch (see PATCHES.md).
+#[cfg(feature = "openssl")]
+pub(crate) mod chacha20poly1305_openssl;
+/// tm-sidecar patch: the check [`chacha20_poly1305_backend`] relies on, with its reason.
+#[cfg(feature = "openssl")]
+pub use chacha20poly1305_openssl::self_test as chacha20_poly1305_openssl_self_test;
 pub(crate) mod clear;
 pub(crate) mod gcm;
 
@@ -129,6 +135,20 @@ pub static ALL_CIPHERS: &[&Name] = &[
     &AES_256_CBC,
     &CHACHA20_POLY1305,
 ];
+
+/// tm-sidecar patch (see PATCHES.md): which implementation serves
+/// `chacha20-poly1305@openssh.com` in this process, `"openssl"` or the built-in one.
+pub fn chacha20_poly1305_backend() -> &'static str {
+    #[cfg(feature = "openssl")]
+    if chacha20poly1305_openssl::usable() {
+        return "openssl";
+    }
+    if cfg!(feature = "aws-lc-rs") {
+        "aws-lc"
+    } else {
+        "ring"
+    }
+}
 
 pub(crate) static CIPHERS: LazyLock<HashMap<&'static Name, &(dyn Cipher + Send + Sync)>> =
     LazyLock::new(|| {
