@@ -164,6 +164,7 @@ async fn serve(settings: Settings) -> Result<ExitCode> {
         monitord = %join(&monitord.local_addrs()),
         admin = %join(&admin_addr.into_iter().collect::<Vec<_>>()),
         version = env!("CARGO_PKG_VERSION"),
+        chacha20_poly1305 = russh::cipher::chacha20_poly1305_backend(),
         "tm-sidecar ready"
     );
     if config.dev {

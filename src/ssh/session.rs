@@ -701,4 +701,13 @@ mod tests {
         assert_eq!(channel_window(15), 2 << 20);
         assert_eq!(channel_window(usize::MAX), 2 << 20);
     }
+
+    /// The patched russh (third_party/russh) serves chacha20-poly1305 through OpenSSL only after
+    /// its self-test against the built-in cipher passes; a build where it silently falls back
+    /// loses most of the speed-up, so that fails here.
+    #[test]
+    fn chacha20_poly1305_goes_through_openssl() {
+        assert_eq!(russh::cipher::chacha20_poly1305_openssl_self_test(), Ok(()));
+        assert_eq!(russh::cipher::chacha20_poly1305_backend(), "openssl");
+    }
 }

@@ -14,7 +14,7 @@ DOCKERFILE = REPO / "docker" / "Dockerfile"
 
 RUNTIME_PACKAGES = {
     "bash", "tar", "coreutils", "findutils", "gawk", "sed", "grep", "qemu-utils", "rsync",
-    "file", "openssh-client", "iproute2", "procps", "ca-certificates",
+    "file", "openssh-client", "iproute2", "procps", "ca-certificates", "libssl3",
 }
 EXPOSED = {"22/tcp", "4124/tcp", "4124/udp", "9124/tcp"}
 
@@ -68,13 +68,16 @@ def test_multi_stage_builder_caches_dependencies_and_builds_locked(instructions)
     assert builder_from == "rust:1-bookworm AS builder"
     runs = [args for ins, args, _ in builder if ins == "RUN"]
     copies = [args for ins, args, _ in builder if ins == "COPY"]
-    # the manifest is copied alone, dependencies are built, then the sources follow
+    # the manifest (and the patched russh it points to) first, dependencies are built, then
+    # the sources follow
     assert copies[0].split() == ["Cargo.toml", "Cargo.lock", "./"]
+    assert copies[1].split() == ["third_party", "./third_party"]
     assert "cargo build --release --locked" in runs[0] and "fn main() {}" in runs[0]
-    assert copies[1].split() == ["src", "./src"]
+    assert copies[2].split() == ["src", "./src"]
     assert "cargo build --release --locked" in runs[-1]
     order = [(ins, args) for ins, args, _ in builder if ins in ("RUN", "COPY")]
-    assert order.index(("COPY", copies[1])) > order.index(("RUN", runs[0]))
+    assert order.index(("COPY", copies[1])) < order.index(("RUN", runs[0]))
+    assert order.index(("COPY", copies[2])) > order.index(("RUN", runs[0]))
 
 
 def test_runtime_is_debian_slim_with_exactly_the_packages(instructions):
@@ -137,7 +140,7 @@ def test_no_keys_in_the_image(instructions):
             if "--from=builder" in args:
                 assert sources == ["/out/tm-sidecar"]
             else:
-                assert set(sources) <= {"Cargo.toml", "Cargo.lock", "src"}, sources
+                assert set(sources) <= {"Cargo.toml", "Cargo.lock", "third_party", "src"}, sources
         if ins == "RUN":
             assert "ssh-keygen" not in args and "keygen" not in args
     text = DOCKERFILE.read_text()
