@@ -13,8 +13,6 @@
 //! `tests/ops.rs` drains idle-load SIGTERM and `tests/monitord.rs` starts with the upstream down.
 
 mod common;
-#[path = "support/sshc.rs"]
-mod sshc;
 #[path = "support/util.rs"]
 mod util;
 
@@ -27,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::admin::{http_get, metrics, value};
-use common::{Sidecar, StockSshd, run, wait_timeout};
+use common::{Sidecar, StockSshd, run, sshc, wait_timeout};
 use util::{
     Proxy, ResetAfter, Tmpfs, feed_and_hold, group_members, hidden_files, kill9, sha256,
     wait_until, write_random,

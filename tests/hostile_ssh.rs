@@ -415,7 +415,7 @@ async fn forwarding_x11_and_unknown_subsystems_are_refused() {
 async fn an_authentication_flood_is_disconnected() {
     let s = Sidecar::start();
     let config = std::sync::Arc::new(russh::client::Config::default());
-    let mut h = russh::client::connect(config, s.ssh, common::AnyHostKey)
+    let mut h = russh::client::connect(config, s.ssh, common::AnyHost)
         .await
         .unwrap();
     let mut outcome = Vec::new();

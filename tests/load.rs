@@ -12,8 +12,6 @@
 //! `TM_LOAD_UDP_MBPS`, `TM_LOAD_UDP_SECONDS`.
 
 mod common;
-#[path = "support/sshc.rs"]
-mod sshc;
 #[path = "support/udpgen.rs"]
 mod udpgen;
 #[path = "support/util.rs"]
@@ -26,7 +24,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use common::admin::{metrics, value};
-use common::{Sidecar, run};
+use common::{Sidecar, run, sshc};
 use util::{sha256, vm_kib, wait_until, write_random};
 
 const T: Duration = Duration::from_secs(300);

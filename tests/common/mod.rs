@@ -4,6 +4,11 @@
 
 pub mod admin;
 pub mod agent;
+#[path = "../support/sshc.rs"]
+pub mod sshc;
+
+/// A russh client handler that accepts any host key (the tests' server is on loopback).
+pub use sshc::AnyHost;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -464,25 +469,11 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// A russh client handler that accepts any host key (the tests' server is on loopback).
-pub struct AnyHostKey;
-
-impl russh::client::Handler for AnyHostKey {
-    type Error = russh::Error;
-
-    async fn check_server_key(
-        &mut self,
-        _key: &russh::keys::PublicKeyOrCertificate,
-    ) -> Result<bool, Self::Error> {
-        Ok(true)
-    }
-}
-
 /// An in-process SSH client (russh) logged in to `s` with the test key, for what OpenSSH's
 /// client will not send: floods of requests, absurd sizes, NUL bytes.
-pub async fn russh_login(s: &Sidecar) -> russh::client::Handle<AnyHostKey> {
+pub async fn russh_login(s: &Sidecar) -> russh::client::Handle<AnyHost> {
     let config = Arc::new(russh::client::Config::default());
-    let mut h = russh::client::connect(config, s.ssh, AnyHostKey)
+    let mut h = russh::client::connect(config, s.ssh, AnyHost)
         .await
         .expect("russh connect");
     let key = russh::keys::load_secret_key(s.client_key(), None).expect("client key");

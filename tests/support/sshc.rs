@@ -2,7 +2,7 @@
 //! process (1000 OpenSSH client processes would measure the clients, not the server) or need to
 //! see the wire messages themselves (`exit-signal`).
 //!
-//! Shared by `tests/faults.rs`, `tests/load.rs` and `examples/ssh_load.rs` through `#[path]`.
+//! Shared by the tests as `common::sshc` and by `examples/ssh_load.rs` through `#[path]`.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
