@@ -1,6 +1,7 @@
 //! Native file transfer (issue 3): a filesystem layer confined to the transfer roots with atomic
 //! uploads ([`fs`]), legacy scp ([`scp`]) and the SFTP subsystem ([`sftp`]).
 
+pub mod cached_read;
 pub mod fs;
 pub mod scp;
 pub mod sftp;

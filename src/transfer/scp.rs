@@ -13,6 +13,7 @@ use tokio::io::{
 };
 use tracing::{debug, warn};
 
+use super::cached_read::CachedReader;
 use super::fs::{Located, SetAttrs};
 use super::{Direction, Protocol, Transfer};
 use crate::escape::escape_bytes;
@@ -903,13 +904,13 @@ impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> Scp<R, W> {
         if !self.response().await? {
             return Ok(());
         }
-        let mut file = tokio::fs::File::from_std(file);
+        let mut file = CachedReader::new(file);
         let mut remaining = size;
         let mut haderr: Option<io::Error> = None;
         while remaining > 0 {
             let want = remaining.min(self.buf.len() as u64) as usize;
             let n = if haderr.is_none() {
-                match file.read(&mut self.buf[..want]).await {
+                match file.read(&mut self.buf, want).await {
                     Ok(0) => {
                         haderr = Some(io::Error::from_raw_os_error(libc::EIO));
                         0
