@@ -9,49 +9,22 @@ mod common;
 mod util;
 
 use std::fs::File;
-use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{Sidecar, me, wait_timeout};
+use common::{Sidecar, me, run_with_stdin};
 
 const T: Duration = Duration::from_secs(120);
 const SIZE: usize = 5 << 20;
 
-/// Run `cmd` with `stdin` from a file (or nothing), collecting stdout and stderr, bounded by `T`.
+/// Run `cmd` with `stdin` from a file (or nothing), bounded by `T`.
 fn run(cmd: &mut Command, stdin: Option<&Path>) -> Output {
     let input = match stdin {
         Some(p) => Stdio::from(File::open(p).unwrap()),
         None => Stdio::null(),
     };
-    let mut child = cmd
-        .stdin(input)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut v = vec![];
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut v = vec![];
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let status = wait_timeout(&mut child, T).unwrap_or_else(|| {
-        let _ = child.kill();
-        panic!("timed out: {cmd:?}")
-    });
-    Output {
-        status,
-        stdout: t_out.join().unwrap(),
-        stderr: t_err.join().unwrap(),
-    }
+    run_with_stdin(cmd, input, T)
 }
 
 fn ok(out: &Output, what: &str) -> String {

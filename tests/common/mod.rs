@@ -272,8 +272,13 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process
 
 /// Run a command with a deadline, capturing stdout/stderr. Panics on timeout.
 pub fn run(cmd: &mut Command, timeout: Duration) -> std::process::Output {
+    run_with_stdin(cmd, Stdio::null(), timeout)
+}
+
+/// [`run`] with `stdin` as the command's standard input (a file, say).
+pub fn run_with_stdin(cmd: &mut Command, stdin: Stdio, timeout: Duration) -> std::process::Output {
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -282,8 +287,10 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> std::process::Output {
     let err = child.stderr.take().expect("stderr");
     let t_out = std::thread::spawn(move || read_all(out));
     let t_err = std::thread::spawn(move || read_all(err));
-    let status =
-        wait_timeout(&mut child, timeout).unwrap_or_else(|| panic!("command timed out: {cmd:?}"));
+    let status = wait_timeout(&mut child, timeout).unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("command timed out: {cmd:?}")
+    });
     std::process::Output {
         status,
         stdout: t_out.join().unwrap_or_default(),
