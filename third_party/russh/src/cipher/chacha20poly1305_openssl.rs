@@ -146,11 +146,10 @@ impl SealingKey {
     }
 
     fn build(k: &[u8; 64]) -> Option<SealingKey> {
-        let mut key = SealingKey {
+        Some(SealingKey {
             keys: Keys::new(&k[..32])?,
             length: chacha(&k[32..])?,
-        };
-        key.agrees_with_fallback(k).then_some(key)
+        })
     }
 
     fn try_seal(&mut self, seqn: u32, packet: &mut [u8], tag_out: &mut [u8]) -> Option<()> {
@@ -167,20 +166,6 @@ impl SealingKey {
         let tag = self.keys.poly.tag(&poly_key, packet)?;
         tag_out.copy_from_slice(&tag);
         Some(())
-    }
-
-    /// A packet sealed here and by the built-in implementation must be identical; checked once
-    /// per key so that a misbehaving OpenSSL build is never used.
-    fn agrees_with_fallback(&mut self, k: &[u8; 64]) -> bool {
-        let mut ours = [0x5au8; 4 + 64 + 13];
-        ours[..4].copy_from_slice(&(64u32 + 13).to_be_bytes());
-        let mut theirs = ours;
-        let (mut tag_ours, mut tag_theirs) = ([0u8; TAG_LEN], [0u8; TAG_LEN]);
-        let seqn = 0x0102_0304;
-        fallback::SealingKey::new(k).seal_in_place(seqn, &mut theirs, &mut tag_theirs);
-        self.try_seal(seqn, &mut ours, &mut tag_ours).is_some()
-            && ours == theirs
-            && tag_ours == tag_theirs
     }
 }
 
@@ -225,27 +210,10 @@ impl OpeningKey {
     }
 
     fn build(k: &[u8; 64]) -> Option<OpeningKey> {
-        let mut key = OpeningKey {
+        Some(OpeningKey {
             keys: Keys::new(&k[..32])?,
             length: fallback::OpeningKey::new(k),
-        };
-        key.agrees_with_fallback(k).then_some(key)
-    }
-
-    fn agrees_with_fallback(&mut self, k: &[u8; 64]) -> bool {
-        let mut packet = [0xa5u8; 4 + 64 + 13];
-        packet[..4].copy_from_slice(&(64u32 + 13).to_be_bytes());
-        let plain = packet;
-        let mut tag = [0u8; TAG_LEN];
-        let seqn = 0x0a0b_0c0d;
-        fallback::SealingKey::new(k).seal_in_place(seqn, &mut packet, &mut tag);
-        let mut input = [0u8; 4 + 64 + 13 + TAG_LEN];
-        input[..packet.len()].copy_from_slice(&packet);
-        input[packet.len()..].copy_from_slice(&tag);
-        matches!(
-            super::OpeningKey::open(self, seqn, &mut input),
-            Ok(p) if p == &plain[4..]
-        )
+        })
     }
 }
 
@@ -288,7 +256,7 @@ impl super::OpeningKey for OpeningKey {
 }
 
 /// Whether OpenSSL is used: it must have ChaCha20 and Poly1305 and pass [`self_test`], once
-/// per process. Each key is also checked against the built-in cipher when it is made.
+/// per process.
 pub(super) fn usable() -> bool {
     static USABLE: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| match self_test() {
         Ok(()) => true,
