@@ -77,7 +77,8 @@ impl CachedReader {
     }
 
     /// Whether reads still try the page cache first (false after the filesystem refused).
-    pub fn tries_cache(&self) -> bool {
+    #[cfg(test)]
+    fn tries_cache(&self) -> bool {
         self.nowait
     }
 }
